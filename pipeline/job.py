@@ -103,10 +103,12 @@ class Job:
     passages: list[dict[str, Any]] = field(default_factory=list)
     # tools: completed tool rounds; tool messages are appended to `messages`
     tool_rounds: int = 0
-    # inference: prompt tokens and generated tokens of the current round
-    prompt_token_ids: list[int] = field(default_factory=list)
-    # replay: the stored message this job was re-sent from, if any
+    # inference: prompt and completion tokens summed over all rounds so far
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    # replay: the job whose stored message this job was re-sent from, if any
     replay_of: str | None = None
+    # set by the sender on every hop, so the next stage can report queue time
+    sent_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

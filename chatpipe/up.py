@@ -1,0 +1,152 @@
+"""`chatpipe up`: every service and stage of the pipeline on one machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from chatpipe.processes import Child, stop_all, stage_children, web_child
+from chatpipe.services import EmbeddedPostgres, EmbeddedRedis, ServiceError, apply_migrations, port_is_free
+from pipeline.models.pull import is_pulled
+from pipeline.models.registry import get_spec
+from pipeline.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_REDIS_PORT = 6380
+
+
+def run_file(settings: Settings) -> Path:
+    """File where a running `chatpipe up` records its service URLs for other commands."""
+    return settings.home / "run.json"
+
+
+def _read_run_file(settings: Settings) -> dict:
+    try:
+        return json.loads(run_file(settings).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def running_urls(settings: Settings) -> tuple[str | None, str | None]:
+    """Return (redis_url, database_url): the environment's, else those of a running `chatpipe up`."""
+    recorded = _read_run_file(settings)
+    return settings.redis_url or recorded.get("redis_url"), settings.database_url or recorded.get("database_url")
+
+
+@contextlib.contextmanager
+def require_database_url() -> Iterator[str]:
+    """Yield a database URL: DATABASE_URL, a running `chatpipe up`, or the embedded server started for this command."""
+    settings = get_settings()
+    _, url = running_urls(settings)
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(settings.data_dir / "pg").start()
+    try:
+        apply_migrations(server.url)
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _check_models(settings: Settings) -> None:
+    missing = [m for m in settings.models if not is_pulled(settings.model_cache, get_spec(m))]
+    if missing:
+        raise ServiceError(f"models not pulled: {', '.join(missing)}; run `chatpipe models pull {' '.join(missing)}`")
+
+
+def _start_services(settings: Settings, stack: contextlib.ExitStack) -> tuple[str, str]:
+    redis_url, database_url = settings.redis_url, settings.database_url
+    if not redis_url:
+        port = int(os.environ.get("CHATPIPE_REDIS_PORT", DEFAULT_REDIS_PORT))
+        server = EmbeddedRedis(settings.data_dir / "redis", port).start()
+        stack.callback(server.stop)
+        redis_url = server.url
+    if not database_url:
+        pg = EmbeddedPostgres(settings.data_dir / "pg").start()
+        stack.callback(pg.stop)
+        database_url = pg.url
+    applied = apply_migrations(database_url)
+    log.info("migrations_checked", applied=len(applied))
+    return redis_url, database_url
+
+
+def _wait_for_web(url: str, children: list[Child], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = [c.name for c in children if not c.is_running()]
+        if dead:
+            raise ServiceError(f"process exited during start: {', '.join(dead)}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise ServiceError(f"web server did not answer {url}/healthz within {timeout_s:.0f}s")
+
+
+def run_up(args) -> int:
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if not port_is_free(host, port):
+        print(f"error: port {port} on {host} is already in use; stop the process using it or pass --port", flush=True)
+        return 1
+    try:
+        _check_models(settings)
+    except ServiceError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+
+    with contextlib.ExitStack() as stack:
+        try:
+            redis_url, database_url = _start_services(settings, stack)
+        except ServiceError as exc:
+            print(f"error: {exc}", flush=True)
+            return 1
+        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
+               "CHATPIPE_HOST": host, "CHATPIPE_PORT": str(port)}
+        children = stage_children(settings, env) + [web_child(Settings(host=host, port=port), env)]
+        stack.callback(stop_all, children)
+        run_file(settings).parent.mkdir(parents=True, exist_ok=True)
+        run_file(settings).write_text(json.dumps({"redis_url": redis_url, "database_url": database_url,
+                                                  "pid": os.getpid()}))
+        stack.callback(run_file(settings).unlink, missing_ok=True)
+        return _supervise(children, f"http://{host}:{port}")
+
+
+def _supervise(children: list[Child], url: str) -> int:
+    stopping = False
+
+    def _on_term(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _on_term)
+    for child in children:
+        child.start()
+    try:
+        _wait_for_web(url, children)
+        print(f"chatpipe is up: {url}  (models load in the background; Ctrl-C stops everything)", flush=True)
+        while not stopping:
+            dead = [c for c in children if not c.is_running()]
+            if dead:
+                print(f"error: {dead[0].name} exited with code {dead[0].process.returncode}; stopping", flush=True)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except ServiceError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    print("stopping chatpipe…", flush=True)
+    return 0

@@ -1,0 +1,116 @@
+"""A chat message through every stage, with real workers, real models, Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from pipeline.embeddings import get_embedder
+from pipeline.models.loader import load_tokenizer
+from pipeline.retrieval import ingest_paths
+from pipeline.settings import get_settings
+from pipeline.store import JobStore
+from tests.e2e.conftest import QWEN, SMOL
+
+pytestmark = pytest.mark.slow
+
+
+def stream_chat(base_url: str, body: dict) -> tuple[str, list[dict]]:
+    """POST a streaming chat; return the job id and the decoded `data:` payloads up to [DONE]."""
+    chunks = []
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=300) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        job_id = resp.headers["x-chatpipe-job-id"]
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                return job_id, chunks
+            chunks.append(json.loads(payload))
+    raise AssertionError("stream ended without [DONE]")
+
+
+def content_of(chunks: list[dict]) -> list[str]:
+    return [c["choices"][0]["delta"]["content"] for c in chunks
+            if c.get("choices") and c["choices"][0]["delta"].get("content")]
+
+
+def stages_of(database_url: str, job_id: str) -> list[str]:
+    return [run["stage"] for run in JobStore(database_url).list_stage_runs(job_id)]
+
+
+def test_stream_passes_every_stage(system, database_url):
+    body = {"model": "chatpipe", "messages": [{"role": "user", "content": "Describe the colour of the sky in one sentence."}],
+            "max_tokens": 24, "temperature": 0}
+    job_id, chunks = stream_chat(system, body)
+
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(content_of(chunks)).strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert stages_of(database_url, job_id) == ["context", "intent", "inference", "detokenize"]
+    job = JobStore(database_url).get_job(job_id)
+    assert job["status"] == "finished"
+    assert job["route"] == "chat"
+    assert job["target_model"] == SMOL
+    assert job["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(("text", "expected_language_marker"), [("你好", "你好"), ("hello there", "Hello")])
+def test_greeting_answers_without_model(system, database_url, text, expected_language_marker):
+    job_id, chunks = stream_chat(system, {"model": "chatpipe", "messages": [{"role": "user", "content": text}]})
+
+    reply = "".join(content_of(chunks))
+    assert expected_language_marker in reply
+    assert stages_of(database_url, job_id) == ["context", "intent"]
+    assert JobStore(database_url).get_job(job_id)["route"] == "greeting"
+
+
+def test_knowledge_prompt_contains_ingested_passage(system, database_url, knowledge_dir):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        register_vector(conn)
+        ingest_paths(conn, get_embedder(), [knowledge_dir])
+        passages = [row[0] for row in conn.execute("SELECT content FROM chunks")]
+    question = "What does the documentation say about the refund policy?"
+    job_id, chunks = stream_chat(system, {"model": "chatpipe", "messages": [{"role": "user", "content": question}],
+                                          "max_tokens": 16, "temperature": 0})
+
+    assert stages_of(database_url, job_id) == ["context", "intent", "retrieval", "inference", "detokenize"]
+    prompt_messages = JobStore(database_url).get_stage_message(job_id, "inference")["messages"]
+    system_prompt = prompt_messages[0]["content"]
+    assert prompt_messages[0]["role"] == "system"
+    assert any(passage in system_prompt for passage in passages)
+
+
+def test_chinese_answer_streams_whole_characters(system, database_url):
+    """Byte-level BPE splits Chinese characters across tokens; no delta may carry a broken character."""
+    body = {"model": QWEN, "messages": [{"role": "user", "content": "用中文介绍一下长城，两句话。"}],
+            "max_tokens": 40, "temperature": 0}
+    job_id, chunks = stream_chat(system, body)
+
+    deltas = content_of(chunks)
+    assert all("\ufffd" not in delta for delta in deltas)
+    token_ids = JobStore(database_url).get_stage_message(job_id, "detokenize")["token_ids"]
+    tokenizer = load_tokenizer(QWEN, get_settings().model_cache)
+    assert "".join(deltas) == tokenizer.decode(token_ids, skip_special_tokens=True)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in "".join(deltas))
+
+
+def test_openai_client_streaming_and_not(system):
+    client = openai.OpenAI(base_url=f"{system}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Name three fruits."}]
+
+    completion = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens >= 1
+    assert completion.choices[0].message.content == streamed

@@ -1,0 +1,1 @@
+"""Celery app and one thin consumer per pipeline stage."""
