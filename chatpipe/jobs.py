@@ -48,6 +48,7 @@ def list_jobs(database_url: str, limit: int) -> int:
 
 def replay(database_url: str, redis_url: str, job_id: str, stage: str, timeout_s: float) -> int:
     """Re-send the stored message of `stage` as a new job and print its deltas as they arrive."""
+    from workers.app import use_broker
     from workers.dispatch import send
 
     if stage not in STAGES or stage == "detokenize":
@@ -62,6 +63,7 @@ def replay(database_url: str, redis_url: str, job_id: str, stage: str, timeout_s
               f"{', '.join(passed) or 'none (unknown job id?)'}", file=sys.stderr)
         return 1
 
+    use_broker(redis_url)
     job = Job.from_dict(message)
     job.replay_of, job.job_id, job.created_at = job_id, new_id("job"), time.time()
     store.create_job(job)

@@ -15,5 +15,5 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/chatpipe-runtime}
-mkdir -p "$XDG_RUNTIME_DIR"
+mkdir -p -m 700 "$XDG_RUNTIME_DIR"
 exec .venv/bin/python -m pytest "$@"

@@ -55,3 +55,13 @@ app.conf.update(
     worker_redirect_stdouts=False,
     task_default_queue="context",
 )
+
+
+def use_broker(url: str) -> None:
+    """Point this process's sends at `url` (a command run outside `chatpipe up`'s environment)."""
+    if app.conf.broker_url != url:
+        app.conf.broker_url = url
+        # Connections opened for the old URL are dropped; the pool is rebuilt on next use.
+        if app._pool is not None:
+            app._pool.force_close_all()
+            app._pool = None

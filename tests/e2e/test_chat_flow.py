@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -15,7 +16,8 @@ from pipeline.models.loader import load_tokenizer
 from pipeline.retrieval import ingest_paths
 from pipeline.settings import get_settings
 from pipeline.store import JobStore
-from tests.e2e.conftest import QWEN, SMOL
+SMOL = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +116,80 @@ def test_openai_client_streaming_and_not(system):
     assert completion.choices[0].message.role == "assistant"
     assert completion.usage.completion_tokens >= 1
     assert completion.choices[0].message.content == streamed
+
+
+def test_replay_from_inference_reproduces_tokens(system, database_url, redis_url, capsys):
+    from chatpipe.jobs import replay
+
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Write a short poem about rain."}],
+            "max_tokens": 16, "temperature": 0.9, "seed": 1234}
+    job_id, _ = stream_chat(system, body)
+
+    assert replay(database_url, redis_url, job_id, "inference", 120) == 0
+    store = JobStore(database_url)
+    with psycopg.connect(database_url) as conn:
+        replay_id = conn.execute("SELECT job_id FROM jobs WHERE replay_of = %s", (job_id,)).fetchone()[0]
+    original_ids = store.get_stage_message(job_id, "detokenize")["token_ids"]
+    replayed_ids = store.get_stage_message(replay_id, "detokenize")["token_ids"]
+    assert replayed_ids == original_ids
+    assert "finish_reason=" in capsys.readouterr().out
+
+
+def test_replay_rejects_unknown_stage_and_job(system, database_url, redis_url, capsys):
+    from chatpipe.jobs import replay
+
+    assert replay(database_url, redis_url, "job-missing", "inference", 5) == 1
+    assert replay(database_url, redis_url, "job-missing", "sampling", 5) == 2
+    err = capsys.readouterr().err
+    assert "has no stored message for stage 'inference'" in err
+    assert "--from 'sampling' is invalid" in err
+
+
+def test_jobs_show_lists_stages_with_timings(system, database_url, capsys):
+    from chatpipe.jobs import show_job
+
+    job_id, _ = stream_chat(system, {"model": "chatpipe", "messages": [{"role": "user", "content": "hi"}]})
+
+    assert show_job(database_url, job_id) == 0
+    out = capsys.readouterr().out
+    assert f"job {job_id}" in out
+    assert "route=greeting" in out
+    lines = [line.split()[0] for line in out.splitlines() if line.startswith(("context", "intent"))]
+    assert lines == ["context", "intent"]
+
+
+def test_task_route_runs_the_calculator(system, database_url):
+    body = {"model": "chatpipe", "messages": [{"role": "user", "content": "What is 37 * 91 + 12? Use the calculator."}],
+            "max_tokens": 64, "temperature": 0, "chatpipe_stages": True}
+    job_id, chunks = stream_chat(system, body)
+
+    tool_events = [c["chatpipe"] for c in chunks if c.get("chatpipe", {}).get("type") == "tool"]
+    assert JobStore(database_url).get_job(job_id)["route"] == "task"
+    assert "tools" in stages_of(database_url, job_id)
+    assert tool_events[0]["name"] == "calculator"
+    assert tool_events[0]["result"] == "3379"
+    assert "<tool_call>" not in "".join(content_of(chunks))
+
+
+def test_client_disconnect_aborts_and_frees_blocks(system, database_url, redis_client):
+    """A client that closes the stream must not leave its sequence decoding or holding KV blocks."""
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Count from one to two hundred in words."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{system}/v1/chat/completions", json=body, timeout=120) as resp:
+        job_id = resp.headers["x-chatpipe-job-id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and content_of([json.loads(line.removeprefix("data: "))]):
+                break  # the first generated text arrived: the sequence is decoding
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job = JobStore(database_url).get_job(job_id)
+        stats = [json.loads(redis_client.get(k)) for k in redis_client.scan_iter(f"chatpipe:engine_stats:{SMOL}:*")]
+        if job["status"] == "aborted" and all(s["num_free_blocks"] == s["num_total_blocks"] for s in stats):
+            break
+        time.sleep(0.5)
+    assert job["status"] == "aborted"
+    assert job["finish_reason"] == "abort"
+    assert all(s["num_running"] == 0 for s in stats)
+    assert all(s["num_free_blocks"] == s["num_total_blocks"] for s in stats)
+    assert job["usage"]["completion_tokens"] < 400
