@@ -143,6 +143,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: stage {args.stage!r} is invalid; use inference or one of {', '.join(STAGE_QUEUES)}",
               file=sys.stderr)
         return 2
+    os.environ["CHATPIPE_WORKER_STAGE"] = args.stage
     os.execv(sys.executable, [sys.executable, "-m", "celery", *argv])
 
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import redis
 import structlog
+from celery import signals
 
 from pipeline.detokenize import IncrementalDetokenizer, StopStringMatcher
 from pipeline.events import KEY_PREFIX
 from pipeline.tools import could_be_tool_call
 from workers.app import app, task_name
 from workers.models import tokenizer_for
-from workers.runtime import publisher, redis_client, store, worker_name
+from workers.runtime import publisher, redis_client, serves_stage, store, worker_name
 
 log = structlog.get_logger(__name__)
 
@@ -187,3 +188,12 @@ def detokenize_task(self, message: dict) -> None:
         # Only the items still missing their predecessor are retried.
         retry_message = {**message, "items": waiting} if message["kind"] == "tokens" else message
         raise self.retry(args=[retry_message], countdown=RETRY_DELAY_S)
+
+
+@signals.worker_init.connect
+def _load_tokenizers_at_start(**_kwargs) -> None:
+    if serves_stage("detokenize"):
+        from pipeline.settings import get_settings
+
+        for model in set(get_settings().route_models.values()):
+            tokenizer_for(model)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 
+from celery import signals
+
 from pipeline.embeddings import get_embedder
 from pipeline.intent import IntentRouter, greeting_reply
 from pipeline.job import Job
 from pipeline.settings import get_settings
 from workers.app import app, task_name
 from workers.models import requested_registered_model
-from workers.runtime import Next, publisher, run_stage, store
+from workers.runtime import Next, publisher, run_stage, serves_stage, store
 
 
 @functools.cache
@@ -53,3 +55,10 @@ def route(job: Job) -> Next | None:
 @app.task(name=task_name("intent"))
 def intent_task(message: dict) -> None:
     run_stage("intent", message, route)
+
+
+@signals.worker_init.connect
+def _load_router_at_start(**_kwargs) -> None:
+    # The embedder takes seconds to load; the first greeting should not wait for it.
+    if serves_stage("intent"):
+        router()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import psycopg
+from celery import signals
 from pgvector.psycopg import register_vector
 
 from pipeline.embeddings import get_embedder
@@ -13,7 +14,7 @@ from pipeline.retrieval import inject_passages, search
 from pipeline.settings import get_settings
 from workers.app import app, task_name
 from workers.intent import last_user_text
-from workers.runtime import Next, run_stage
+from workers.runtime import Next, run_stage, serves_stage
 
 
 def retrieve(job: Job) -> Next:
@@ -29,3 +30,9 @@ def retrieve(job: Job) -> Next:
 @app.task(name=task_name("retrieval"))
 def retrieval_task(message: dict) -> None:
     run_stage("retrieval", message, retrieve)
+
+
+@signals.worker_init.connect
+def _load_embedder_at_start(**_kwargs) -> None:
+    if serves_stage("retrieval"):
+        get_embedder()

@@ -55,6 +55,11 @@ def store() -> JobStore:
     return JobStore(url)
 
 
+def serves_stage(stage: str) -> bool:
+    """True in a worker process started for `stage` by `chatpipe worker` (every task module is imported everywhere)."""
+    return os.environ.get("CHATPIPE_WORKER_STAGE") == stage
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
