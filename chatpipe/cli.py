@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run the Celery worker of one stage queue (what `up` starts per stage)")
     worker.add_argument("stage", help="context, intent, retrieval, inference, tools or detokenize")
-    worker.add_argument("--model", help="with inference: the model this worker holds")
+    worker.add_argument("--model", help="the model an inference worker serves (required with inference)")
     worker.add_argument("--concurrency", type=int, help="task threads (default 4; inference: CHATPIPE_MAX_NUM_SEQS)")
     worker.set_defaults(func=cmd_worker)
 

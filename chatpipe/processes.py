@@ -45,7 +45,7 @@ def celery_worker_argv(queue: str, concurrency: int) -> list[str]:
 
 
 def stage_children(settings: Settings, env: dict[str, str]) -> list[Child]:
-    """One worker per stage queue, and one inference worker per configured model."""
+    """Build one worker per stage queue, and one inference worker per configured model."""
     children = []
     for stage in STAGE_QUEUES:
         children.append(Child(f"worker:{stage}", [sys.executable, "-m", "chatpipe.cli", "worker", stage], env))

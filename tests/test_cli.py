@@ -106,7 +106,7 @@ def _start_up(env: dict, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_up_starts_twice_in_a_row_with_embedded_services(tmp_path):
+def test_up_restarts_with_embedded_services(tmp_path):
     home = Path(f"/tmp/cp-up-{os.getpid()}")  # short: Postgres' Unix socket path is limited to 107 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(CHATPIPE_HOME=str(home), CHATPIPE_MODEL_CACHE=str(get_settings().model_cache),

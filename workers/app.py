@@ -2,7 +2,7 @@
 
 Every stage is its own queue, so each can be given its own worker
 processes on any number of machines (`celery -A workers.app worker -Q NAME`).
-Inference has one queue per model, because one worker process holds one
+Inference has one queue per model, because one worker process keeps one
 model in memory.
 """
 

@@ -3,7 +3,7 @@
 Messages of one job round may reach different detokenize processes, so the
 decoding state lives in Redis, not in the process: the round's token ids,
 the incremental decoder's offsets and the text held back. A per-round lock
-serialises the messages of one round; a message that arrives before its
+serialises the messages of one round. A message that arrives before its
 predecessor is retried, and a redelivered one is skipped by its `start`
 index, so every id is decoded exactly once.
 
@@ -70,7 +70,7 @@ class RoundState:
 def _stops(item: dict) -> list[str]:
     stops = list(item.get("stop") or [])
     if item.get("hold_tool_calls"):
-        # Text from a tool-call tag on is never shown as answer text.
+        # Text from a tool-call tag on is never published as reply text.
         stops.append(TOOL_CALL_TAG)
     return stops
 

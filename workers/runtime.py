@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class Next:
-    """Where a stage sends the job after its work: a stage name, or an inference queue's model."""
+    """The stage a job goes to next, with the job as the finished stage left it."""
 
     stage: str
     job: Job
