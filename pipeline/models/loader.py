@@ -56,12 +56,13 @@ def choose_device(requested: str = "auto") -> torch.device:
 def choose_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """Pick the compute dtype for a device.
 
-    Decode reads every weight once per step, so it is bound by memory
-    bandwidth, and bf16 halves the bytes read. Whether that turns into
-    speed depends on the CPU's bf16 kernels, so on CPU the choice is made by
-    timing a decode-shaped matrix-vector product in both dtypes. On the
-    2-core AMD EPYC (Zen 3, AVX2) used for development both dtypes read at
-    about 9.5 GB/s, so bf16 halved the time per product. CUDA uses bf16
+    Decode reads every weight once per step, so bf16 halves the bytes read,
+    but whether that turns into speed depends on the CPU's bf16 kernels. So
+    on CPU the choice is made by timing decode-shaped products in both
+    dtypes, for one row (a single stream) and for 16 rows (a batch). On the
+    2-core AMD EPYC (Zen 3, AVX2, no native bf16) used for development, bf16
+    won for one row but its time grew linearly with the rows (16 rows: 3.9
+    ms against 0.64 ms in fp32), so fp32 is chosen there. CUDA uses bf16
     where the GPU supports it.
     """
     if requested != "auto":
@@ -85,7 +86,7 @@ def _cpu_bf16_is_faster() -> bool:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = f"probe 2|{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
     path = get_settings().home / "cpu_dtype_probe.json"
     try:
         recorded = json.loads(path.read_text())
@@ -107,24 +108,25 @@ def _read_cpuinfo() -> str:
 
 
 def _probe_bf16_is_faster() -> bool:
-    """Time y = W x for a [4864, 896] weight (Qwen 0.5B's MLP shape) in fp32 and bf16."""
+    """Time y = x W^T for a [4864, 896] weight (Qwen 0.5B's MLP shape) with 1 and 16 rows, in fp32 and bf16."""
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         weight = torch.randn(4864, 896).to(dtype)
-        x = torch.randn(1, 896).to(dtype)
-        trials = []
-        # The minimum of several short trials is robust to other processes
-        # briefly taking a core.
-        for _ in range(5):
-            started = time.perf_counter()
-            for _ in range(20):
-                torch.nn.functional.linear(x, weight)
-            trials.append((time.perf_counter() - started) / 20)
-        timings[dtype] = min(trials)
-    # bf16 must win clearly: a near tie keeps fp32, which has no rounding loss.
-    is_faster = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-    log.info("cpu_dtype_probe", fp32_us=round(timings[torch.float32] * 1e6, 1),
-             bf16_us=round(timings[torch.bfloat16] * 1e6, 1), chosen="bfloat16" if is_faster else "float32")
+        for num_rows in (1, 16):
+            x = torch.randn(num_rows, 896).to(dtype)
+            trials = []
+            # The minimum of several short trials is robust to other processes
+            # briefly taking a core.
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(10):
+                    torch.nn.functional.linear(x, weight)
+                trials.append((time.perf_counter() - started) / 10)
+            timings[(dtype, num_rows)] = min(trials)
+    # bf16 must win clearly in both shapes: a near tie keeps fp32, which has no rounding loss.
+    is_faster = all(timings[(torch.bfloat16, n)] < 0.8 * timings[(torch.float32, n)] for n in (1, 16))
+    log.info("cpu_dtype_probe", chosen="bfloat16" if is_faster else "float32",
+             **{f"{str(d).removeprefix('torch.')}_{n}rows_us": round(t * 1e6, 1) for (d, n), t in timings.items()})
     return is_faster
 
 
