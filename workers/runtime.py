@@ -67,7 +67,9 @@ def worker_name() -> str:
 def fail_job(job_id: str, stage: str, exc: BaseException) -> None:
     """Report a per-job failure to the client and the store; the worker itself keeps running."""
     message = f"{stage} stage failed: {type(exc).__name__}: {exc}"[:500]
-    publisher().publish(job_id, "error", message=message, code="stage_failed", stage=stage)
+    # Errors caused by the request itself carry a `code` the gateway maps to HTTP 400.
+    code = getattr(exc, "code", None) or "stage_failed"
+    publisher().publish(job_id, "error", message=message, code=code, stage=stage)
     store().finish_job(job_id, "failed", error=message)
 
 

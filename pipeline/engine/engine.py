@@ -33,6 +33,12 @@ from pipeline.job import SamplingParams
 log = structlog.get_logger(__name__)
 
 
+class ContextLengthExceededError(ValueError):
+    """The prompt leaves no room for output within the model's context length."""
+
+    code = "context_length_exceeded"
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request.
@@ -106,7 +112,7 @@ class LLMEngine:
         if num_prompt == 0:
             raise ValueError("prompt_token_ids is empty; a request needs at least one prompt token")
         if num_prompt >= self.max_model_len:
-            raise ValueError(
+            raise ContextLengthExceededError(
                 f"prompt has {num_prompt} tokens but the context limit is {self.max_model_len} tokens "
                 "(prompt plus at least one output token); shorten the prompt"
             )

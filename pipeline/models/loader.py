@@ -9,6 +9,8 @@ without the config's quantization entry.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -167,33 +169,50 @@ def load_tokenizer(name_or_path: str, cache: Path):
 
 def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load tokenizer and model; de-quantise a GGUF once and cache the result as safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
     name, folder, gguf_file = resolve_source(name_or_path, cache)
 
-    source = "folder"
-    if gguf_file is not None:
+    if gguf_file is None:
+        model, tokenizer = _from_pretrained(folder, torch_dtype, torch_device)
+        source = "folder"
+    else:
         converted = converted_dir(cache, name, torch_dtype) if name in MODELS else folder / "converted"
-        if (converted / "model.safetensors").is_file():
-            folder, gguf_file, source = converted, None, "safetensors"
-        else:
-            source = "gguf"
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-    model.to(torch_device).eval()
-
-    if source == "gguf":
-        _save_converted(model, tokenizer, converted)
+        # Several workers may start on a cold cache at once; one converts while the others wait.
+        with _file_lock(converted.parent / ".convert.lock"):
+            if (converted / "model.safetensors").is_file():
+                model, tokenizer = _from_pretrained(converted, torch_dtype, torch_device)
+                source = "safetensors"
+            else:
+                model, tokenizer = _from_pretrained(folder, torch_dtype, torch_device, gguf_file=gguf_file)
+                _save_converted(model, tokenizer, converted)
+                source = "gguf"
 
     load_s = time.perf_counter() - started
     log.info("model_loaded", model=name, device=str(torch_device), dtype=str(torch_dtype), source=source,
              load_s=round(load_s, 2))
     return LoadedModel(name, model, tokenizer, torch_device, torch_dtype, load_s, source)
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _save_converted(model, tokenizer, target: Path) -> None:

@@ -193,3 +193,16 @@ def test_client_disconnect_aborts_and_frees_blocks(system, database_url, redis_c
     assert all(s["num_running"] == 0 for s in stats)
     assert all(s["num_free_blocks"] == s["num_total_blocks"] for s in stats)
     assert job["usage"]["completion_tokens"] < 400
+
+
+def test_prompt_over_context_length_gets_400(system, database_url):
+    """A prompt longer than the model's context must fail as a request error, not as a server error."""
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "apple " * 9000}], "max_tokens": 8}
+    resp = httpx.post(f"{system}/v1/chat/completions", json=body, timeout=120)
+
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "the context limit is 8192 tokens" in error["message"]
+    job = JobStore(database_url).get_job(resp.headers["x-chatpipe-job-id"])
+    assert job["status"] == "failed"
