@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import structlog
@@ -56,6 +56,7 @@ class RoundState:
     tool_held: str = ""  # text that may still become a tool call (task route)
     emitted: str = ""  # text published in this round
     matched: str | None = None  # stop string or tool-call tag found; nothing more is published
+    pending_logprobs: list = field(default_factory=list)  # OpenAI logprob entries not yet sent with a delta
     first_delta_at: float | None = None
 
     @classmethod
@@ -75,15 +76,35 @@ def _stops(item: dict) -> list[str]:
     return stops
 
 
-def _store_ids(client: redis.Redis, item: dict) -> None:
+def _store_ids(client: redis.Redis, item: dict, state: RoundState) -> None:
     ids_key = _key(item["job_id"], item["round"], "ids")
     num_stored = client.llen(ids_key)
     if item["start"] > num_stored:
         raise OutOfOrder(f"ids from {item['start']} arrived before ids from {num_stored}")
-    fresh = item["ids"][num_stored - item["start"]:]
+    num_seen = num_stored - item["start"]
+    fresh = item["ids"][num_seen:]
     if fresh:
         client.rpush(ids_key, *fresh)
         client.expire(ids_key, STATE_TTL_S)
+    if item.get("logprobs"):
+        state.pending_logprobs.extend(_openai_logprobs(item["model"], item["logprobs"][num_seen:]))
+
+
+def _openai_logprobs(model: str, entries: list[dict]) -> list[dict]:
+    """Convert the engine's {token_id, logprob, top_logprobs} entries to OpenAI's {token, logprob, bytes, top_logprobs}."""
+    tokenizer = tokenizer_for(model)
+
+    def token(token_id: int) -> dict:
+        # NOTE: a token holding part of a UTF-8 character decodes to U+FFFD here, so its
+        # `bytes` are those of U+FFFD rather than the token's raw bytes.
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "bytes": list(text.encode("utf-8"))}
+
+    return [
+        {**token(entry["token_id"]), "logprob": entry["logprob"],
+         "top_logprobs": [{**token(top["token_id"]), "logprob": top["logprob"]} for top in entry.get("top_logprobs", [])]}
+        for entry in entries
+    ]
 
 
 def _decode(client: redis.Redis, item: dict, state: RoundState, *, final: bool) -> str:
@@ -119,16 +140,18 @@ def _emit(item: dict, state: RoundState, text: str, *, final: bool) -> None:
         state.tool_held = pending
         return
     state.tool_held = ""
-    if pending:
+    if pending or (final and state.pending_logprobs):
         state.first_delta_at = state.first_delta_at or time.time()
         state.emitted += pending
-        publisher().publish(item["job_id"], "delta", text=pending)
+        fields = {"logprobs": state.pending_logprobs} if state.pending_logprobs else {}
+        state.pending_logprobs = []
+        publisher().publish(item["job_id"], "delta", text=pending, **fields)
 
 
 def handle_tokens(client: redis.Redis, item: dict) -> None:
     with client.lock(_key(item["job_id"], item["round"], "lock"), timeout=LOCK_TIMEOUT_S):
         state = RoundState.load(client, item["job_id"], item["round"])
-        _store_ids(client, item)
+        _store_ids(client, item, state)
         _emit(item, state, _decode(client, item, state, final=False), final=False)
         state.save(client, item["job_id"], item["round"])
 

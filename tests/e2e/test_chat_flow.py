@@ -206,3 +206,19 @@ def test_prompt_over_context_length_gets_400(system, database_url):
     assert "the context limit is 8192 tokens" in error["message"]
     job = JobStore(database_url).get_job(resp.headers["x-chatpipe-job-id"])
     assert job["status"] == "failed"
+
+
+def test_logprobs_follow_greedy_choice(system):
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Say something about the sea."}],
+            "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2, "stop": ["\n\n\n"]}
+    resp = httpx.post(f"{system}/v1/chat/completions", json=body, timeout=120)
+
+    assert resp.status_code == 200
+    choice = resp.json()["choices"][0]
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == resp.json()["usage"]["completion_tokens"]
+    for entry in entries:
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
+        assert entry["token"] == entry["top_logprobs"][0]["token"]
+    assert "".join(e["token"] for e in entries).startswith(choice["message"]["content"])
