@@ -102,15 +102,15 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from chatpipe.jobs import replay
-    from chatpipe.up import require_database_url
+    from chatpipe.up import require_database_url, running_urls
 
-    settings = get_settings()
-    if not settings.redis_url:
-        print("error: REDIS_URL is not set; replay needs the running system (`chatpipe up` prints the URLs)",
-              file=sys.stderr)
+    redis_url, _ = running_urls(get_settings())
+    if not redis_url:
+        print("error: no running chatpipe found; start `chatpipe up`, or set REDIS_URL and DATABASE_URL "
+              "to the system's servers", file=sys.stderr)
         return 2
     with require_database_url() as database_url:
-        return replay(database_url, settings.redis_url, args.job_id, args.from_stage, args.timeout)
+        return replay(database_url, redis_url, args.job_id, args.from_stage, args.timeout)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -56,11 +56,14 @@ def replay(database_url: str, redis_url: str, job_id: str, stage: str, timeout_s
         print(f"error: --from {stage!r} is invalid; use one of {allowed}", file=sys.stderr)
         return 2
     store = JobStore(database_url)
+    if store.get_job(job_id) is None:
+        print(f"error: job {job_id!r} not found; `chatpipe jobs list` shows recent job ids", file=sys.stderr)
+        return 1
     message = store.get_stage_message(job_id, stage)
     if message is None:
         passed = sorted({r["stage"] for r in store.list_stage_runs(job_id)})
         print(f"error: job {job_id!r} has no stored message for stage {stage!r}; stages stored: "
-              f"{', '.join(passed) or 'none (unknown job id?)'}", file=sys.stderr)
+              f"{', '.join(passed) or 'none'}", file=sys.stderr)
         return 1
 
     use_broker(redis_url)

@@ -121,10 +121,27 @@ def run_up(args) -> int:
         run_file(settings).write_text(json.dumps({"redis_url": redis_url, "database_url": database_url,
                                                   "pid": os.getpid()}))
         stack.callback(run_file(settings).unlink, missing_ok=True)
-        return _supervise(children, f"http://{host}:{port}")
+        return _supervise(children, f"http://{host}:{port}", redis_url, database_url, settings.models)
 
 
-def _supervise(children: list[Child], url: str) -> int:
+def _wait_for_engines(redis_url: str, models: tuple[str, ...], children: list[Child], timeout_s: float) -> None:
+    """Wait until every inference worker has loaded its model and published engine stats."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = [c.name for c in children if not c.is_running()]
+        if dead:
+            raise ServiceError(f"process exited during start: {', '.join(dead)}")
+        ready = {json.loads(client.get(key) or "{}").get("model") for key in client.scan_iter("chatpipe:engine_stats:*")}
+        if set(models) <= ready:
+            return
+        time.sleep(0.5)
+    raise ServiceError(f"inference workers did not load {', '.join(models)} within {timeout_s:.0f}s")
+
+
+def _supervise(children: list[Child], url: str, redis_url: str, database_url: str, models: tuple[str, ...]) -> int:
     stopping = False
 
     def _on_term(signum, _frame):
@@ -136,7 +153,11 @@ def _supervise(children: list[Child], url: str) -> int:
         child.start()
     try:
         _wait_for_web(url, children)
-        print(f"chatpipe is up: {url}  (models load in the background; Ctrl-C stops everything)", flush=True)
+        print(f"loading models: {', '.join(models)}…", flush=True)
+        # A first start converts each GGUF once, which takes minutes on a small CPU.
+        _wait_for_engines(redis_url, models, children, timeout_s=900)
+        print(f"redis: {redis_url}\npostgres: {database_url}", flush=True)
+        print(f"chatpipe is up: {url}  (Ctrl-C stops everything)", flush=True)
         while not stopping:
             dead = [c for c in children if not c.is_running()]
             if dead:

@@ -26,12 +26,12 @@ class InvalidParameterError(ValueError):
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    allowed = f"{'(' if low_open else '['}{low}, {high}]"
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise InvalidParameterError(name, f"{name} must be a number in the range described; got {value!r}")
+        raise InvalidParameterError(name, f"{name}={value!r} is invalid; use a number in the range {allowed}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise InvalidParameterError(name, f"{name}={value!r} is invalid; allowed range is {bracket}{low}, {high}]")
+        raise InvalidParameterError(name, f"{name}={value!r} is invalid; allowed range is {allowed}")
 
 
 @dataclass

@@ -84,7 +84,8 @@ def _parse_model(model: Any, known_models: tuple[str, ...]) -> str:
         return AUTO_MODEL
     allowed = (AUTO_MODEL, *known_models)
     if not isinstance(model, str) or model not in allowed:
-        raise InvalidParameterError("model", f"model={model!r} is not served here; use one of {list(allowed)}")
+        raise InvalidParameterError("model", f"model={model!r} is not served here; use one of {list(allowed)}, "
+            "or serve it by naming it in CHATPIPE_ROUTE_MODELS")
     return model
 
 

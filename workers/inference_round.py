@@ -32,10 +32,41 @@ def is_repeated_call(job: Job, call: ToolCall) -> bool:
     return False
 
 
+def messages_for_answer(messages: list[dict]) -> list[dict]:
+    """Fold tool turns into the newest user message for a round that offers no tools.
+
+    Shown its own tool calls and their results in the template's tool
+    format, a 0.5B model keeps writing tool calls even when none are
+    offered. Stated in the user's turn, the results read as facts to answer
+    from. Tool turns of earlier questions are dropped: their answers follow them.
+    """
+    kept: list[dict] = []
+    results: list[str] = []
+    calls: dict[int, str] = {}
+    for message in messages:
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            function = message["tool_calls"][0]["function"]
+            calls[len(results)] = f"{function['name']} with {json.dumps(function['arguments'], ensure_ascii=False)}"
+        elif message.get("role") == "tool":
+            call = calls.get(len(results), message.get("name") or "a tool")
+            results.append(f"{call} returned {message.get('content', '')}")
+        else:
+            if message.get("role") == "user":
+                results, calls = [], {}
+            kept.append(dict(message))
+    last_user = next((m for m in reversed(kept) if m.get("role") == "user"), None)
+    if results and last_user is not None:
+        note = "; ".join(results)
+        last_user["content"] = (f"{last_user.get('content', '')}\n\nA tool already ran: {note}. "
+                                "Reply to my question in plain words.")
+    return kept
+
+
 def run_round(worker, job: Job) -> Next | None:
     """Run the job's current round on the worker's engine; return the next stage or None when finished."""
     tools = tool_specs() if offers_tools(job) else None
-    prompt_ids = encode_prompt(worker.tokenizer, job.messages, tools)
+    messages = job.messages if tools is not None else messages_for_answer(job.messages)
+    prompt_ids = encode_prompt(worker.tokenizer, messages, tools)
     request_id = worker.request_id(job)
     info = {"job_id": job.job_id, "round": job.tool_rounds, "model": worker.model_name, "route": job.route,
             "hold_tool_calls": tools is not None, "stop": list(job.sampling.stop)}
@@ -52,7 +83,8 @@ def run_round(worker, job: Job) -> Next | None:
     job.usage["prompt_tokens"] += len(prompt_ids)
     job.usage["completion_tokens"] += len(final.output_token_ids)
     call = None
-    if tools is not None and final.finish_reason == "stop":
+    # A small model may repeat a bare JSON call until max_tokens; the first complete call still counts.
+    if tools is not None and final.finish_reason in ("stop", "length"):
         call = parse_tool_call(worker.tokenizer.decode(final.output_token_ids, skip_special_tokens=True))
 
     if call is not None:

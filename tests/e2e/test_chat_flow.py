@@ -141,7 +141,7 @@ def test_replay_rejects_unknown_stage_and_job(system, database_url, redis_url, c
     assert replay(database_url, redis_url, "job-missing", "inference", 5) == 1
     assert replay(database_url, redis_url, "job-missing", "sampling", 5) == 2
     err = capsys.readouterr().err
-    assert "has no stored message for stage 'inference'" in err
+    assert "job 'job-missing' not found" in err
     assert "--from 'sampling' is invalid" in err
 
 
@@ -222,3 +222,16 @@ def test_logprobs_follow_greedy_choice(system):
         assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
         assert entry["token"] == entry["top_logprobs"][0]["token"]
     assert "".join(e["token"] for e in entries).startswith(choice["message"]["content"])
+
+
+@pytest.mark.parametrize("question", ["What is 37 * 91 + 12?", "37乘以91再加12等于多少？"])
+def test_task_answer_is_prose_not_tool_json(system, question):
+    """After its tool rounds the model must answer in words, never with raw tool-call JSON."""
+    body = {"model": "chatpipe", "messages": [{"role": "user", "content": question}], "max_tokens": 64,
+            "temperature": 0}
+    _, chunks = stream_chat(system, body)
+    answer = "".join(content_of(chunks))
+
+    assert answer.strip()
+    assert '"name"' not in answer
+    assert "<tool_call>" not in answer
