@@ -80,18 +80,22 @@ def _start_services(settings: Settings, stack: contextlib.ExitStack) -> tuple[st
     return redis_url, database_url
 
 
+def _check_alive(children: list[Child]) -> None:
+    dead = [c.name for c in children if not c.is_running()]
+    if dead:
+        raise ServiceError(f"process exited during start: {', '.join(dead)}")
+
+
 def _wait_for_web(url: str, children: list[Child], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        dead = [c.name for c in children if not c.is_running()]
-        if dead:
-            raise ServiceError(f"process exited during start: {', '.join(dead)}")
+        _check_alive(children)
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=1):
                 return
         except OSError:
             time.sleep(0.2)
-    raise ServiceError(f"web server did not answer {url}/healthz within {timeout_s:.0f}s")
+    raise ServiceError(f"web server did not respond on {url}/healthz within {timeout_s:.0f}s")
 
 
 def run_up(args) -> int:
@@ -131,9 +135,7 @@ def _wait_for_engines(redis_url: str, models: tuple[str, ...], children: list[Ch
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        dead = [c.name for c in children if not c.is_running()]
-        if dead:
-            raise ServiceError(f"process exited during start: {', '.join(dead)}")
+        _check_alive(children)
         ready = {json.loads(client.get(key) or "{}").get("model") for key in client.scan_iter("chatpipe:engine_stats:*")}
         if set(models) <= ready:
             return

@@ -23,7 +23,7 @@ def offers_tools(job: Job) -> bool:
 
 
 def is_repeated_call(job: Job, call: ToolCall) -> bool:
-    """True when the model asks again for a call whose result is already in the conversation."""
+    """True when the model requests a call whose result is already in the conversation."""
     for message in job.messages:
         for previous in message.get("tool_calls") or []:
             function = previous["function"]
