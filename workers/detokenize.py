@@ -187,10 +187,11 @@ def _record(item: dict, state: RoundState, token_ids: list[int]) -> None:
         metrics["job_ttft_s"] = round(state.first_delta_at - item["created_at"], 4)
     metrics["job_total_s"] = round(time.time() - item["created_at"], 4)
     finish_reason = "stop" if state.matched and state.matched != TOOL_CALL_TAG else item["finish_reason"]
+    status = "aborted" if finish_reason == "abort" else "finished"
+    # Store first: a client that reads the job after the finish event must see it finished.
+    runs.finish_job(job_id, status, finish_reason=finish_reason, usage=item["usage"], metrics=metrics)
     publisher().publish(job_id, "finish", finish_reason=finish_reason, usage=item["usage"], metrics=metrics,
                         route=item.get("route"), model=item["model"])
-    status = "aborted" if finish_reason == "abort" else "finished"
-    runs.finish_job(job_id, status, finish_reason=finish_reason, usage=item["usage"], metrics=metrics)
     log.info("job_finished", job_id=job_id, finish_reason=finish_reason, route=item.get("route"),
              prompt_tokens=item["usage"].get("prompt_tokens"), completion_tokens=item["usage"].get("completion_tokens"),
              ttft_s=metrics.get("job_ttft_s"), total_s=metrics["job_total_s"])

@@ -30,12 +30,13 @@ def last_user_text(job: Job) -> str:
 
 def answer_greeting(job: Job, language: str) -> None:
     reply = greeting_reply(last_user_text(job), language)
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    # Store first: a client that reads the job after the finish event must see it finished.
+    store().finish_job(job.job_id, "finished", finish_reason="stop", usage=usage)
     events = publisher()
     events.publish(job.job_id, "delta", text=reply)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     events.publish(job.job_id, "finish", finish_reason="stop", usage=usage, metrics={}, route="greeting",
                    model="rule")
-    store().finish_job(job.job_id, "finished", finish_reason="stop", usage=usage)
 
 
 def route(job: Job) -> Next | None:

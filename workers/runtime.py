@@ -69,8 +69,9 @@ def fail_job(job_id: str, stage: str, exc: BaseException) -> None:
     message = f"{stage} stage failed: {type(exc).__name__}: {exc}"[:500]
     # Errors caused by the request itself carry a `code` the gateway maps to HTTP 400.
     code = getattr(exc, "code", None) or "stage_failed"
-    publisher().publish(job_id, "error", message=message, code=code, stage=stage)
+    # Store first: a client that reads the job after the event must see it failed.
     store().finish_job(job_id, "failed", error=message)
+    publisher().publish(job_id, "error", message=message, code=code, stage=stage)
 
 
 def run_stage(stage: str, message: dict, handler: Callable[[Job], Next | None]) -> None:
