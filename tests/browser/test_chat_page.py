@@ -11,13 +11,11 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
-import uvicorn
+from servers import serve
 
-from chatpipe.services import free_port
 from pipeline.events import EventPublisher, abort_key
 from pipeline.job import Job
 from pipeline.settings import Settings
@@ -79,22 +77,6 @@ class MarkdownJobs:
         client.close()
 
 
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from web_helpers import make_settings, serve
+from servers import serve
+from web_helpers import make_settings
 
 from pipeline.job import Job
 from web.app import create_app

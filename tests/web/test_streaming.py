@@ -13,7 +13,8 @@ import web.api
 from chatpipe.services import free_port
 from pipeline.events import abort_key
 from web.app import create_app
-from web_helpers import make_settings, serve
+from servers import serve
+from web_helpers import make_settings
 
 
 def post_stream(base_url: str, **body_fields) -> httpx.Response:

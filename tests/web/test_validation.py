@@ -6,7 +6,8 @@ import json
 
 import httpx
 import pytest
-from web_helpers import ScriptedJobs, chat_body, make_settings, serve
+from servers import serve
+from web_helpers import ScriptedJobs, chat_body, make_settings
 
 from web.app import create_app
 
