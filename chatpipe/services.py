@@ -122,7 +122,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server._cleanup()  # stops the server when this process holds the last handle
+            self.server._cleanup()  # stops the server when this process has the last handle
             self.server = None
             log.info("postgres_stopped", data_dir=str(self.data_dir))
 

@@ -1,4 +1,4 @@
-"""Inference stage: one process holds one model and decodes many jobs at once.
+"""Inference stage: one process keeps one model in memory and decodes many jobs at once.
 
 The worker runs Celery's thread pool with as many threads as the engine
 admits sequences. Each task thread renders and tokenizes its job, submits

@@ -1,4 +1,4 @@
-"""Which model a job is counted and served with, and cached tokenizers per process."""
+"""Model choice for counting and serving a job, and the per-process tokenizer cache."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ def requested_registered_model(job: Job) -> str | None:
 def counting_model(job: Job) -> str:
     """Model whose tokenizer counts the context.
 
-    The context stage runs before intent picks the route, so it counts with
-    the requested model when one is named and otherwise with the chat
-    route's model; every registered model has a context far above the budget.
+    The context stage runs before intent picks the route. So it counts with
+    the requested model when one is named, and otherwise with the chat
+    route's model. Every registered model has a context far above the budget.
     """
     return job.target_model or requested_registered_model(job) or get_settings().route_models["chat"]
 

@@ -63,7 +63,7 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     on CPU the choice is made by timing decode-shaped products in both
     dtypes, for one row (a single stream) and for 16 rows (a batch). On the
     2-core AMD EPYC (Zen 3, AVX2, no native bf16) used for development, bf16
-    won for one row but its time grew linearly with the rows (16 rows: 3.9
+    won for one row. But its time grew linearly with the rows (16 rows: 3.9
     ms against 0.64 ms in fp32), so fp32 is chosen there. CUDA uses bf16
     where the GPU supports it.
     """
