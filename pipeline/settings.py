@@ -105,6 +105,9 @@ class Settings:
     )
     device: str = field(default_factory=lambda: _env_str("CHATPIPE_DEVICE", "auto"))
     dtype: str = field(default_factory=lambda: _env_str("CHATPIPE_DTYPE", "auto"))
+    # How linear weights are stored: dense (the compute dtype) or fp16-packed
+    # (CPU, float32 compute). auto measures which is faster on this machine.
+    weight_format: str = field(default_factory=lambda: _env_str("CHATPIPE_WEIGHT_FORMAT", "auto"))
     num_threads: int = field(default_factory=lambda: _env_int("CHATPIPE_NUM_THREADS", 0))
     job_ttl_s: int = field(default_factory=lambda: _env_int("CHATPIPE_JOB_TTL_S", 3600, 1))
     request_timeout_s: float = field(default_factory=lambda: _env_float("CHATPIPE_REQUEST_TIMEOUT_S", 600.0, 1.0))
@@ -119,6 +122,10 @@ class Settings:
             raise SettingsError(f"CHATPIPE_DEVICE={self.device!r} is invalid; use auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise SettingsError(f"CHATPIPE_DTYPE={self.dtype!r} is invalid; use auto, bfloat16, float16 or float32")
+        if self.weight_format not in ("auto", "dense", "fp16-packed"):
+            raise SettingsError(
+                f"CHATPIPE_WEIGHT_FORMAT={self.weight_format!r} is invalid; use auto, dense or fp16-packed"
+            )
 
     @property
     def data_dir(self) -> Path:

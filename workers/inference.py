@@ -39,7 +39,8 @@ class InferenceWorker:
 
         settings = get_settings()
         self.model_name = model_name
-        self.loaded = load_model(model_name, settings.model_cache, settings.device, settings.dtype)
+        self.loaded = load_model(model_name, settings.model_cache, settings.device, settings.dtype,
+                                 settings.weight_format)
         self.tokenizer = self.loaded.tokenizer
         config = EngineConfig(
             max_num_seqs=settings.max_num_seqs,

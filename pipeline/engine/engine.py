@@ -92,7 +92,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("engine_started", model=getattr(loaded, "name", None), device=str(loaded.device),
-                 dtype=str(loaded.dtype), forward_path=self.runner.forward_path, num_blocks=self.runner.num_blocks, block_size=config.block_size,
+                 dtype=str(loaded.dtype), weight_format=getattr(loaded, "weight_format", "dense"),
+                 forward_path=self.runner.forward_path, num_blocks=self.runner.num_blocks, block_size=config.block_size,
                  kv_cache_bytes=config.kv_cache_bytes, max_model_len=self.max_model_len,
                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
 

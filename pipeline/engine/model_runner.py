@@ -47,18 +47,13 @@ class ModelRunner:
                 f"kv_cache_bytes={kv_cache_bytes} is too small for one KV block; a block of {block_size} tokens needs "
                 f"{self.block_bytes} bytes for this model, so raise kv_cache_bytes"
             )
-        num_slots = self.num_blocks * block_size
         self.kv_caches = [
-            (
-                torch.zeros(num_slots, self.num_kv_heads, self.head_dim, dtype=dtype, device=device),
-                torch.zeros(num_slots, self.num_kv_heads, self.head_dim, dtype=dtype, device=device),
-            )
+            torch.zeros(self.num_blocks, block_size, 2, self.num_kv_heads, self.head_dim, dtype=dtype, device=device)
             for _ in range(self.num_layers)
         ]
         self.model.set_attn_implementation(register_attention())
         self.base_model = getattr(model, model.base_model_prefix)
         self.lm_head = model.get_output_embeddings()
-        self.slot_offsets = torch.arange(block_size, device=device)
         self.fast_forward = None
         if enable_fast_path and fast_forward.is_supported(model):
             self.fast_forward = fast_forward.FastDecoderForward(model)
@@ -115,7 +110,7 @@ class ModelRunner:
             num_decode_tokens=len(decodes),
         )
         if decodes:
-            metadata.decode_slots, metadata.decode_mask = self._decode_slots(decodes)
+            metadata.decode_block_tables, metadata.decode_bias = self._decode_tables(decodes)
 
         start = len(decodes)
         for seq, num_new in prefills:
@@ -123,30 +118,28 @@ class ModelRunner:
             start += num_new
         return metadata
 
-    def _decode_slots(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Padded cache slots [num_decode, max_context] and the mask of real positions."""
+    def _decode_tables(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build block tables padded to the longest context [num_decode, max_blocks] and the additive padding mask.
+
+        The mask is built once per step and shared by every layer.
+        """
         context_lens = [seq.num_computed_tokens + 1 for seq in decodes]
-        max_context = max(context_lens)
-        max_blocks = -(-max_context // self.block_size)
+        max_blocks = -(-max(context_lens) // self.block_size)
         tables = [seq.block_table[:max_blocks] + [0] * (max_blocks - len(seq.block_table[:max_blocks]))
                   for seq in decodes]
-        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)  # [num_decode, max_blocks]
-        slots = (block_tables[:, :, None] * self.block_size + self.slot_offsets).view(len(decodes), -1)
-        slots = slots[:, :max_context]
-        if min(context_lens) == max_context:
-            return slots, None
+        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         lens = torch.tensor(context_lens, device=self.device)
-        mask = torch.arange(max_context, device=self.device)[None, :] < lens[:, None]
-        return slots, mask[:, None, None, :]
+        padding = torch.arange(max_blocks * self.block_size, device=self.device)[None, :] >= lens[:, None]
+        bias = torch.zeros(padding.shape, dtype=self.dtype, device=self.device).masked_fill_(padding, float("-inf"))
+        return block_tables, bias[:, None, None, :]
 
     def _prefill_chunk(self, seq: Sequence, start: int, num_new: int) -> PrefillChunk:
         num_context = seq.num_computed_tokens + num_new
         if seq.num_computed_tokens == 0:
-            return PrefillChunk(start, start + num_new, None, None)
+            return PrefillChunk(start, start + num_new, None, num_context, None)
         num_blocks = -(-num_context // self.block_size)
-        table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=self.device)
-        context_slots = (table[:, None] * self.block_size + self.slot_offsets).view(-1)[:num_context]
+        blocks = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=self.device)
         # query i is at position num_computed + i and attends to context positions <= its own
         query_pos = torch.arange(seq.num_computed_tokens, num_context, device=self.device)
         mask = torch.arange(num_context, device=self.device)[None, :] <= query_pos[:, None]
-        return PrefillChunk(start, start + num_new, context_slots, mask)
+        return PrefillChunk(start, start + num_new, blocks, num_context, mask)

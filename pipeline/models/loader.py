@@ -27,6 +27,13 @@ import structlog  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from pipeline.models.packed_linear import (  # noqa: E402
+    WEIGHT_FORMATS,
+    PackedFp16Linear,
+    WeightFormatError,
+    fp16_packing_available,
+    pack_linear_layers,
+)
 from pipeline.models.pull import gguf_path, is_pulled, model_dir  # noqa: E402
 from pipeline.models.registry import MODELS, get_spec  # noqa: E402
 
@@ -47,6 +54,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     source: str  # "gguf" (de-quantised now) or "safetensors" (converted copy)
+    weight_format: str = "dense"  # or "fp16-packed": see packed_linear.py
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -76,10 +84,14 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
 
 @functools.cache
 def _cpu_bf16_is_faster() -> bool:
-    """Return the probe's verdict, measured once per CPU model and torch version and kept in a file.
+    return _cached_verdict("bf16_is_faster", _probe_bf16_is_faster)
+
+
+def _cached_verdict(probe: str, run_probe) -> bool:
+    """Return a probe's verdict, measured once per CPU model, torch version and thread count and kept in a file.
 
     Keeping the verdict makes every worker on the machine pick the same
-    dtype, which a replay needs to reproduce tokens.
+    dtype and weight format, which a replay needs to reproduce tokens.
     """
     from pipeline.settings import get_settings
 
@@ -88,17 +100,20 @@ def _cpu_bf16_is_faster() -> bool:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    key = f"probe 2|{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    path = get_settings().home / "cpu_dtype_probe.json"
-    try:
-        recorded = json.loads(path.read_text())
-        if recorded.get("key") == key:
-            return bool(recorded["bf16_is_faster"])
-    except (OSError, ValueError, KeyError):
-        pass
-    verdict = _probe_bf16_is_faster()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "bf16_is_faster": verdict}))
+    key = f"probe 3|{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    path = get_settings().home / "cpu_probes.json"
+    with _file_lock(path.with_name(path.name + ".lock")):
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        entry = recorded.get(probe)
+        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("verdict"), bool):
+            return entry["verdict"]
+        verdict = run_probe()
+        recorded[probe] = {"key": key, "verdict": verdict}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(recorded, indent=2))
     return verdict
 
 
@@ -129,6 +144,56 @@ def _probe_bf16_is_faster() -> bool:
     is_faster = all(timings[(torch.bfloat16, n)] < 0.8 * timings[(torch.float32, n)] for n in (1, 16))
     log.info("cpu_dtype_probe", chosen="bfloat16" if is_faster else "float32",
              **{f"{str(d).removeprefix('torch.')}_{n}rows_us": round(t * 1e6, 1) for (d, n), t in timings.items()})
+    return is_faster
+
+
+def choose_weight_format(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """Pick how linear weights are stored: "dense" (the compute dtype) or "fp16-packed".
+
+    fp16-packed needs a CPU, float32 compute and FBGEMM. With "auto" it is
+    chosen when a timing probe finds it clearly faster; see packed_linear.py
+    for what it changes and what it measured.
+    """
+    if requested not in WEIGHT_FORMATS:
+        raise WeightFormatError(f"weight format {requested!r} is invalid; use one of {', '.join(WEIGHT_FORMATS)}")
+    packable = device.type == "cpu" and dtype == torch.float32 and fp16_packing_available()
+    if requested == "fp16-packed" and not packable:
+        raise WeightFormatError(
+            f"weight format fp16-packed needs float32 on a CPU with FBGEMM, got {str(dtype).removeprefix('torch.')} "
+            f"on {device.type}; use CHATPIPE_WEIGHT_FORMAT=dense or auto"
+        )
+    if requested != "auto":
+        return requested
+    if packable and _cached_verdict("fp16_packed_is_faster", _probe_fp16_packed_is_faster):
+        return "fp16-packed"
+    return "dense"
+
+
+def _probe_fp16_packed_is_faster() -> bool:
+    """Time decode-shaped products with float32 and fp16-packed weights, for 1 and 16 rows.
+
+    Four [4864, 896] weights (70 MB together, more than a CPU's last-level
+    cache) are used in turn, so the timing includes reading weights from
+    memory as a real decode step does.
+    """
+    weights = [torch.randn(4864, 896) for _ in range(4)]
+    packed = [PackedFp16Linear(weight) for weight in weights]
+    timings = {}
+    for kind, layers in (("dense", [functools.partial(torch.nn.functional.linear, weight=w) for w in weights]),
+                         ("fp16-packed", packed)):
+        for num_rows in (1, 16):
+            x = torch.randn(num_rows, 896)
+            trials = []
+            for _ in range(5):
+                started = time.perf_counter()
+                for layer in layers * 3:
+                    layer(x)
+                trials.append((time.perf_counter() - started) / (3 * len(layers)))
+            timings[(kind, num_rows)] = min(trials)
+    # A near tie keeps dense weights, which have no rounding loss.
+    is_faster = all(timings[("fp16-packed", n)] < 0.8 * timings[("dense", n)] for n in (1, 16))
+    log.info("cpu_weight_format_probe", chosen="fp16-packed" if is_faster else "dense",
+             **{f"{kind.replace('-', '_')}_{n}rows_us": round(t * 1e6, 1) for (kind, n), t in timings.items()})
     return is_faster
 
 
@@ -167,12 +232,18 @@ def load_tokenizer(name_or_path: str, cache: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load tokenizer and model; de-quantise a GGUF once and cache the result as safetensors."""
+def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str = "auto",
+               weight_format: str = "auto") -> LoadedModel:
+    """Load tokenizer and model; de-quantise a GGUF once and cache the result as safetensors.
+
+    The safetensors copy has the dense weights; packing for the chosen
+    weight format happens after every load, in memory.
+    """
 
     started = time.perf_counter()
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
+    chosen_format = choose_weight_format(torch_device, torch_dtype, weight_format)
     name, folder, gguf_file = resolve_source(name_or_path, cache)
 
     if gguf_file is None:
@@ -190,10 +261,13 @@ def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str 
                 _save_converted(model, tokenizer, converted)
                 source = "gguf"
 
+    if chosen_format == "fp16-packed":
+        pack_linear_layers(model)
+
     load_s = time.perf_counter() - started
     log.info("model_loaded", model=name, device=str(torch_device), dtype=str(torch_dtype), source=source,
-             load_s=round(load_s, 2))
-    return LoadedModel(name, model, tokenizer, torch_device, torch_dtype, load_s, source)
+             weight_format=chosen_format, load_s=round(load_s, 2))
+    return LoadedModel(name, model, tokenizer, torch_device, torch_dtype, load_s, source, chosen_format)
 
 
 def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device, **kwargs):

@@ -2,7 +2,9 @@
 
 The model runs in float32 here: greedy equality with transformers `generate`
 is checked token for token, and in bfloat16 the different summation order of
-packed versus single-request matmuls can flip a near-tie argmax.
+packed versus single-request matmuls can flip a near-tie argmax. Most tests
+use dense weights, and the fp16-packed weight format has its own equality
+tests, against `generate` on the same packed weights.
 """
 
 import pytest
@@ -12,8 +14,10 @@ from pipeline.detokenize import IncrementalDetokenizer, StopStringMatcher
 from pipeline.engine import EngineConfig, EngineService, LLMEngine
 from pipeline.job import SamplingParams
 from pipeline.models.loader import load_model
+from pipeline.models.packed_linear import PackedSlice, fp16_packing_available
 
 pytestmark = pytest.mark.slow
+needs_fbgemm = pytest.mark.skipif(not fp16_packing_available(), reason="this torch build has no FBGEMM fp16 kernels")
 
 NEW_TOKENS = 24
 PROMPTS = [
@@ -27,7 +31,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def loaded(model_cache):
-    return load_model("smollm2-135m-instruct", model_cache, dtype="float32")
+    return load_model("smollm2-135m-instruct", model_cache, dtype="float32", weight_format="dense")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,14 @@ def make_engine(loaded, **overrides) -> LLMEngine:
 
 def greedy(max_tokens: int | None = NEW_TOKENS, **params) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **params)
+
+
+def engine_greedy(engine: LLMEngine, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Submit every prompt at once, greedy, and return each request's output tokens in prompt order."""
+    for index, ids in enumerate(prompt_ids):
+        engine.add_request(f"g{index}", ids, greedy())
+    finals = run_to_completion(engine)
+    return [finals[f"g{index}"].output_token_ids for index in range(len(prompt_ids))]
 
 
 def run_to_completion(engine: LLMEngine) -> dict:
@@ -259,9 +271,10 @@ def test_service_abort_and_invalid_request(loaded, prompt_ids):
     assert service.engine.stats()["num_free_blocks"] == service.engine.stats()["num_total_blocks"]
 
 
-def test_qwen_greedy_matches_generate(model_cache):
+@pytest.mark.parametrize("weight_format", ["dense", pytest.param("fp16-packed", marks=needs_fbgemm)])
+def test_qwen_greedy_matches_generate(model_cache, weight_format):
     """Qwen2 has q/k/v biases and 2 KV heads, so the fused fast path must carry biases and GQA correctly."""
-    qwen = load_model("qwen2.5-coder-0.5b-instruct", model_cache, dtype="float32")
+    qwen = load_model("qwen2.5-coder-0.5b-instruct", model_cache, dtype="float32", weight_format=weight_format)
     messages = [[{"role": "user", "content": "用中文介绍一下你自己。"}],
                 [{"role": "user", "content": "Write a Python function to reverse a list."}]]
     prompts = [list(qwen.tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"])
@@ -276,3 +289,35 @@ def test_qwen_greedy_matches_generate(model_cache):
 
     assert finals["q0"].output_token_ids == expected[0]
     assert finals["q1"].output_token_ids == expected[1]
+
+
+@pytest.fixture(scope="module")
+def packed(model_cache):
+    return load_model("smollm2-135m-instruct", model_cache, dtype="float32", weight_format="fp16-packed")
+
+
+@needs_fbgemm
+def test_packed_greedy_batch_matches_generate_on_the_same_weights(packed, prompt_ids):
+    assert packed.weight_format == "fp16-packed"
+    expected = [hf_greedy(packed, ids, NEW_TOKENS) for ids in prompt_ids]
+
+    engine = make_engine(packed)
+    assert engine.runner.forward_path == "fast"
+    assert engine_greedy(engine, prompt_ids) == expected
+    # The engine fused q/k/v into one packed product, and the transformers modules are now slices of it.
+    assert isinstance(packed.model.model.layers[0].self_attn.k_proj, PackedSlice)
+    assert hf_greedy(packed, prompt_ids[1], NEW_TOKENS) == expected[1]
+
+
+@needs_fbgemm
+def test_packed_weights_change_nothing_but_the_fp16_rounding(model_cache, packed, prompt_ids):
+    """generate on dense weights rounded to fp16 gives the tokens that the packed engine gives."""
+    rounded = load_model("smollm2-135m-instruct", model_cache, dtype="float32", weight_format="dense")
+    for module in rounded.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            # A new tensor, so the LM head no longer shares the embedding: the
+            # packed model rounds the head and keeps a float32 embedding table.
+            module.weight = torch.nn.Parameter(module.weight.detach().half().float(), requires_grad=False)
+    expected = [hf_greedy(rounded, ids, NEW_TOKENS) for ids in prompt_ids]
+
+    assert engine_greedy(make_engine(packed), prompt_ids) == expected
