@@ -307,6 +307,8 @@ def test_packed_greedy_batch_matches_generate_on_the_same_weights(packed, prompt
     # The engine fused q/k/v into one packed product, and the transformers modules are now slices of it.
     assert isinstance(packed.model.model.layers[0].self_attn.k_proj, PackedSlice)
     assert hf_greedy(packed, prompt_ids[1], NEW_TOKENS) == expected[1]
+    # The transformers forward with paged attention runs through those slices.
+    assert engine_greedy(make_engine(packed, enable_fast_path=False), prompt_ids) == expected
 
 
 @needs_fbgemm
