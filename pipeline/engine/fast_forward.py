@@ -59,6 +59,16 @@ class LayerWeights:
     post_attention_norm: torch.Tensor
 
 
+def rows_function(module: torch.nn.Module) -> Projection:
+    """Return a function of x [rows, in_features] for a linear module, without nn.Module call overhead."""
+    if isinstance(module, PackedFp16Linear):
+        return module.rows_function()
+    if isinstance(module, torch.nn.Linear):
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
 def _is_packed(*modules) -> bool:
     return all(isinstance(module, (PackedFp16Linear, PackedSlice)) for module in modules)
 
@@ -119,11 +129,12 @@ class FastDecoderForward:
         if _is_packed(attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             qkv_fused = _fuse_packed_into(attn, ["q_proj", "k_proj", "v_proj"])
             gate_up_fused = _fuse_packed_into(mlp, ["gate_proj", "up_proj"])
+            gate_up = gate_up_fused.rows_function()
             return LayerWeights(
-                qkv=qkv_fused,
-                o_proj=attn.o_proj,
-                gate_up=lambda x: gate_up_fused(x).chunk(2, dim=-1),
-                down_proj=mlp.down_proj,
+                qkv=qkv_fused.rows_function(),
+                o_proj=rows_function(attn.o_proj),
+                gate_up=lambda x: gate_up(x).chunk(2, dim=-1),
+                down_proj=rows_function(mlp.down_proj),
                 **norms,
             )
         qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
@@ -131,9 +142,9 @@ class FastDecoderForward:
         gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
         return LayerWeights(
             qkv=lambda x: F.linear(x, qkv_weight, qkv_bias),
-            o_proj=attn.o_proj,
+            o_proj=rows_function(attn.o_proj),
             gate_up=lambda x: F.linear(x, gate_up_weight).chunk(2, dim=-1),
-            down_proj=mlp.down_proj,
+            down_proj=rows_function(mlp.down_proj),
             **norms,
         )
 

@@ -53,7 +53,7 @@ class ModelRunner:
         ]
         self.model.set_attn_implementation(register_attention())
         self.base_model = getattr(model, model.base_model_prefix)
-        self.lm_head = model.get_output_embeddings()
+        self.lm_head = fast_forward.rows_function(model.get_output_embeddings())
         self.fast_forward = None
         if enable_fast_path and fast_forward.is_supported(model):
             self.fast_forward = fast_forward.FastDecoderForward(model)
