@@ -91,8 +91,9 @@ class LLMEngine:
         self._pending_aborts: set[str] = set()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.weight_format = getattr(loaded, "weight_format", "dense")
         log.info("engine_started", model=getattr(loaded, "name", None), device=str(loaded.device),
-                 dtype=str(loaded.dtype), weight_format=getattr(loaded, "weight_format", "dense"),
+                 dtype=str(loaded.dtype), weight_format=self.weight_format,
                  forward_path=self.runner.forward_path, num_blocks=self.runner.num_blocks, block_size=config.block_size,
                  kv_cache_bytes=config.kv_cache_bytes, max_model_len=self.max_model_len,
                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
@@ -237,6 +238,8 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "max_model_len": self.max_model_len,
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "weight_format": self.weight_format,
         }
 
 

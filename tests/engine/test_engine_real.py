@@ -303,6 +303,7 @@ def test_packed_greedy_batch_matches_generate_on_the_same_weights(packed, prompt
 
     engine = make_engine(packed)
     assert engine.runner.forward_path == "fast"
+    assert engine.stats()["weight_format"] == "fp16-packed"
     assert engine_greedy(engine, prompt_ids) == expected
     # The engine fused q/k/v into one packed product, and the transformers modules are now slices of it.
     assert isinstance(packed.model.model.layers[0].self_attn.k_proj, PackedSlice)
