@@ -82,7 +82,11 @@ def run_stage(stage: str, message: dict, handler: Callable[[Job], Next | None]) 
     try:
         if is_aborted(redis_client(), job.job_id):
             log.info("job_skipped_aborted")
-            store().finish_job(job.job_id, "aborted", finish_reason="abort")
+            # Store first, then the terminal event, so a client still reading
+            # the stream ends instead of waiting for its timeout.
+            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            store().finish_job(job.job_id, "aborted", finish_reason="abort", usage=usage)
+            publisher().publish(job.job_id, "finish", finish_reason="abort", usage=usage, metrics={}, stage=stage)
             return
         run_id = store().start_stage(job.job_id, stage, message, worker_name(), queued_at=job.sent_at)
         started = time.perf_counter()
