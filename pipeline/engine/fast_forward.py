@@ -76,8 +76,8 @@ def _is_packed(*modules) -> bool:
 def _fuse_packed_into(parent: torch.nn.Module, names: list[str]) -> PackedFp16Linear:
     """Fuse the packed projections `parent.<name>` into one module, leave a slice of it under each name and return it.
 
-    A model already fused by an earlier engine holds slices of one fused
-    module, which is reused as it is.
+    A model that an earlier engine fused already has slices of one fused
+    module, and that module is reused as it is.
     """
     modules = [getattr(parent, name) for name in names]
     if all(isinstance(module, PackedSlice) for module in modules) and len({id(m.fused) for m in modules}) == 1:
