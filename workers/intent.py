@@ -12,7 +12,7 @@ from pipeline.job import Job
 from pipeline.settings import get_settings
 from workers.app import app, task_name
 from workers.models import requested_registered_model
-from workers.runtime import Next, publisher, run_stage, serves_stage, store
+from workers.runtime import Next, publisher, run_stage, serves_stage, store, zero_usage
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def last_user_text(job: Job) -> str:
 
 def answer_greeting(job: Job, language: str) -> None:
     reply = greeting_reply(last_user_text(job), language)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = zero_usage()
     # Store first: a client that reads the job after the finish event must see it finished.
     store().finish_job(job.job_id, "finished", finish_reason="stop", usage=usage)
     events = publisher()

@@ -64,6 +64,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def zero_usage() -> dict[str, int]:
+    """Return the usage of a job that ends without running the model."""
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
 def fail_job(job_id: str, stage: str, exc: BaseException) -> None:
     """Report a per-job failure to the client and the store; the worker itself keeps running."""
     message = f"{stage} stage failed: {type(exc).__name__}: {exc}"[:500]
@@ -84,7 +89,7 @@ def run_stage(stage: str, message: dict, handler: Callable[[Job], Next | None]) 
             log.info("job_skipped_aborted")
             # Store first, then the terminal event, so a client still reading
             # the stream ends instead of waiting for its timeout.
-            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            usage = zero_usage()
             store().finish_job(job.job_id, "aborted", finish_reason="abort", usage=usage)
             publisher().publish(job.job_id, "finish", finish_reason="abort", usage=usage, metrics={}, stage=stage)
             return

@@ -67,12 +67,16 @@ def greedy(max_tokens: int | None = NEW_TOKENS, **params) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **params)
 
 
-def engine_greedy(engine: LLMEngine, prompt_ids: list[list[int]]) -> list[list[int]]:
-    """Submit every prompt at once, greedy, and return each request's output tokens in prompt order."""
+def engine_greedy(engine: LLMEngine, prompt_ids: list[list[int]]) -> list:
+    """Submit every prompt at once, greedy, and return each request's final output in prompt order."""
     for index, ids in enumerate(prompt_ids):
         engine.add_request(f"g{index}", ids, greedy())
     finals = run_to_completion(engine)
-    return [finals[f"g{index}"].output_token_ids for index in range(len(prompt_ids))]
+    return [finals[f"g{index}"] for index in range(len(prompt_ids))]
+
+
+def output_tokens(finals: list) -> list[list[int]]:
+    return [final.output_token_ids for final in finals]
 
 
 def run_to_completion(engine: LLMEngine) -> dict:
@@ -87,13 +91,10 @@ def run_to_completion(engine: LLMEngine) -> dict:
 def test_greedy_batch_matches_generate(loaded, prompt_ids, reference):
     engine = make_engine(loaded)
     assert engine.runner.forward_path == "fast"
-    for index, ids in enumerate(prompt_ids):
-        engine.add_request(f"r{index}", ids, greedy())
-    finals = run_to_completion(engine)
+    finals = engine_greedy(engine, prompt_ids)
 
-    for index in range(len(prompt_ids)):
-        assert finals[f"r{index}"].output_token_ids == reference[index], f"prompt {index}"
-        assert finals[f"r{index}"].finish_reason == "length"
+    assert output_tokens(finals) == reference
+    assert [final.finish_reason for final in finals] == ["length"] * len(prompt_ids)
     # A prompt of more than 32 tokens needed chunked prefill with a 32-token budget.
     assert max(len(ids) for ids in prompt_ids) > 32
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
@@ -102,12 +103,8 @@ def test_greedy_batch_matches_generate(loaded, prompt_ids, reference):
 def test_transformers_path_matches_generate(loaded, prompt_ids, reference):
     engine = make_engine(loaded, enable_fast_path=False)
     assert engine.runner.forward_path == "transformers"
-    for index, ids in enumerate(prompt_ids):
-        engine.add_request(f"r{index}", ids, greedy())
-    finals = run_to_completion(engine)
 
-    for index in range(len(prompt_ids)):
-        assert finals[f"r{index}"].output_token_ids == reference[index], f"prompt {index}"
+    assert output_tokens(engine_greedy(engine, prompt_ids)) == reference
 
 
 def test_streamed_tokens_add_up(loaded, prompt_ids):
@@ -297,19 +294,19 @@ def packed(model_cache):
 
 
 @needs_fbgemm
-def test_packed_greedy_batch_matches_generate_on_the_same_weights(packed, prompt_ids):
+def test_packed_greedy_matches_generate(packed, prompt_ids):
     assert packed.weight_format == "fp16-packed"
     expected = [hf_greedy(packed, ids, NEW_TOKENS) for ids in prompt_ids]
 
     engine = make_engine(packed)
     assert engine.runner.forward_path == "fast"
     assert engine.stats()["weight_format"] == "fp16-packed"
-    assert engine_greedy(engine, prompt_ids) == expected
+    assert output_tokens(engine_greedy(engine, prompt_ids)) == expected
     # The engine fused q/k/v into one packed product, and the transformers modules are now slices of it.
     assert isinstance(packed.model.model.layers[0].self_attn.k_proj, PackedSlice)
     assert hf_greedy(packed, prompt_ids[1], NEW_TOKENS) == expected[1]
     # The transformers forward with paged attention runs through those slices.
-    assert engine_greedy(make_engine(packed, enable_fast_path=False), prompt_ids) == expected
+    assert output_tokens(engine_greedy(make_engine(packed, enable_fast_path=False), prompt_ids)) == expected
 
 
 @needs_fbgemm
@@ -323,4 +320,4 @@ def test_packed_weights_change_nothing_but_the_fp16_rounding(model_cache, packed
             module.weight = torch.nn.Parameter(module.weight.detach().half().float(), requires_grad=False)
     expected = [hf_greedy(rounded, ids, NEW_TOKENS) for ids in prompt_ids]
 
-    assert engine_greedy(make_engine(packed), prompt_ids) == expected
+    assert output_tokens(engine_greedy(make_engine(packed), prompt_ids)) == expected
