@@ -7,8 +7,8 @@ length (ignore_eos):
   (b) `generate` on a left-padded batch,
   (c) LLMEngine with every request submitted at once,
 at each concurrency level. Every measurement is repeated and the best run
-kept, for all three alike: on a shared 2-core machine single runs moved by
-10 to 20 %. It also measures memory read bandwidth and prints the decode
+kept, for all three alike, because single runs on a shared 2-core machine
+moved by 10 to 30 %. It also measures memory read bandwidth and prints the decode
 ceiling (bandwidth / bytes read per step) and the fraction of it that the
 engine reached.
 
@@ -141,7 +141,8 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
     kv_bytes_per_token = engine.runner.block_bytes // config.block_size
 
     # Repeats go round all three in turn, so a slow spell of the machine
-    # (memory bandwidth here moved by up to 30 % between minutes) falls on
+    # (the same matmul loop took 11.7 ms in one run and 17.9 ms a few minutes
+    # later) falls on
     # every contender alike. The best run of each is kept.
     sequential_s = float("inf")
     padded_s = {concurrency: float("inf") for concurrency in args.concurrency}

@@ -55,7 +55,7 @@ def test_unpacked_weight_is_the_fp16_rounded_weight():
 
 
 @needs_fbgemm
-def test_fused_product_equals_the_separate_products_bit_for_bit():
+def test_fused_product_matches_separate_bitwise():
     torch.manual_seed(1)
     parts = [PackedFp16Linear(torch.randn(rows, 64), torch.randn(rows)) for rows in (48, 16, 16)]
     fused, slices = fuse_packed(parts)
@@ -75,7 +75,7 @@ def test_packing_rejects_a_bfloat16_weight():
 
 
 @needs_fbgemm
-def test_pack_linear_layers_replaces_every_linear_and_keeps_the_embedding():
+def test_pack_layers_keeps_embedding():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.ReLU(),
                                 torch.nn.Linear(8, 10))
     x = torch.tensor([1, 2, 3])

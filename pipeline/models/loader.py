@@ -151,8 +151,8 @@ def choose_weight_format(device: torch.device, dtype: torch.dtype, requested: st
     """Pick how linear weights are stored: "dense" (the compute dtype) or "fp16-packed".
 
     fp16-packed needs a CPU, float32 compute and FBGEMM. With "auto" it is
-    chosen when a timing probe finds it clearly faster; see packed_linear.py
-    for what it changes and what it measured.
+    chosen when a timing probe finds it clearly faster. packed_linear.py
+    says what it changes and what it measured.
     """
     if requested not in WEIGHT_FORMATS:
         raise WeightFormatError(f"weight format {requested!r} is invalid; use one of {', '.join(WEIGHT_FORMATS)}")
@@ -236,7 +236,7 @@ def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str 
                weight_format: str = "auto") -> LoadedModel:
     """Load tokenizer and model; de-quantise a GGUF once and cache the result as safetensors.
 
-    The safetensors copy has the dense weights; packing for the chosen
+    The safetensors copy has the dense weights, and packing for the chosen
     weight format happens after every load, in memory.
     """
 
