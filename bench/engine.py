@@ -134,11 +134,15 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
 
     model.set_attn_implementation("sdpa")
     model.generate(torch.tensor([prompts_all[0]]), max_new_tokens=4, do_sample=False)  # warm-up
-    config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_bytes=args.kv_cache_bytes, enable_prefix_caching=False)
-    engine = LLMEngine(loaded, config, seed=0)
-    run_engine(engine, prompts_all[:1], 4)  # warm-up
-    kv_bytes_per_token = engine.runner.block_bytes // config.block_size
+    # One engine per native-kernels setting, all on the same loaded model
+    # (a second engine reuses the fused projections of the first).
+    engines = {}
+    for kernels in args.native_kernels:
+        config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
+                              kv_cache_bytes=args.kv_cache_bytes, enable_prefix_caching=False, native_kernels=kernels)
+        engines[kernels] = LLMEngine(loaded, config, seed=0)
+        run_engine(engines[kernels], prompts_all[:1], 4)  # warm-up
+    kv_bytes_per_token = next(iter(engines.values())).runner.block_bytes // config.block_size
 
     # Repeats go round all three in turn, so a slow spell of the machine
     # (the same matmul loop took 11.7 ms in one run and 17.9 ms a few minutes
@@ -146,20 +150,21 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
     # every contender alike. The best run of each is kept.
     sequential_s = float("inf")
     padded_s = {concurrency: float("inf") for concurrency in args.concurrency}
-    engine_runs = {concurrency: (float("inf"), 0.0) for concurrency in args.concurrency}
+    engine_runs = {(kernels, concurrency): (float("inf"), 0.0) for kernels in engines for concurrency in args.concurrency}
     for _ in range(args.repeats):
         sequential_s = min(sequential_s, run_generate_sequential(model, prompts_all[:num_sequential], args.new_tokens))
         for concurrency in args.concurrency:
             prompts = prompts_all[:concurrency]
             padded_s[concurrency] = min(padded_s[concurrency],
                                         run_generate_padded(model, tokenizer, prompts, args.new_tokens))
-            engine_runs[concurrency] = min(engine_runs[concurrency], run_engine(engine, prompts, args.new_tokens))
+            for kernels, engine in engines.items():
+                engine_runs[kernels, concurrency] = min(engine_runs[kernels, concurrency],
+                                                        run_engine(engine, prompts, args.new_tokens))
     sequential_tps = num_sequential * args.new_tokens / sequential_s
 
     rows = []
-    for concurrency in args.concurrency:
+    for (kernels, concurrency), (seconds, ttft_s) in engine_runs.items():
         prompts = prompts_all[:concurrency]
-        seconds, ttft_s = engine_runs[concurrency]
         engine_tps = concurrency * args.new_tokens / seconds
         padded_tps = concurrency * args.new_tokens / padded_s[concurrency]
         # bytes per decode step: every weight once + the KV of every seq at its mean context length
@@ -168,7 +173,7 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
         ceiling_tps = concurrency * bandwidth_gbs * 1e9 / step_bytes
         rows.append({
             "model": name, "dtype": str(loaded.dtype).removeprefix("torch."), "weight_format": loaded.weight_format,
-            "concurrency": concurrency, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "native_kernels": engines[kernels].stats()["native_kernels"], "concurrency": concurrency, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "generate_sequential_tps": sequential_tps, "generate_padded_tps": padded_tps,
             "engine_tps": engine_tps, "engine_ttft_s": ttft_s,
             "speedup_vs_sequential": engine_tps / sequential_tps, "speedup_vs_padded": engine_tps / padded_tps,
@@ -180,11 +185,11 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| model | dtype | weights | conc. | (a) generate 1-at-a-time tok/s | (b) padded batch tok/s "
+    print("| model | dtype | weights | native kernels | conc. | (a) generate 1-at-a-time tok/s | (b) padded batch tok/s "
           "| (c) engine tok/s | (c)/(a) | (c)/(b) | engine TTFT s | ceiling tok/s | of ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['model']} | {row['dtype']} | {row['weight_format']} | {row['concurrency']} "
+        print(f"| {row['model']} | {row['dtype']} | {row['weight_format']} | {row['native_kernels']} | {row['concurrency']} "
               f"| {row['generate_sequential_tps']:.1f} "
               f"| {row['generate_padded_tps']:.1f} | {row['engine_tps']:.1f} | {row['speedup_vs_sequential']:.2f}x "
               f"| {row['speedup_vs_padded']:.2f}x | {row['engine_ttft_s']:.2f} | {row['decode_ceiling_tps']:.0f} "
@@ -197,11 +202,11 @@ def print_cross_format(rows: list[dict]) -> None:
     packed = [r for r in rows if r["weight_format"] == "fp16-packed" and (r["model"], r["concurrency"]) in dense]
     if not packed:
         return
-    print("\n| model | conc. | engine fp16-packed tok/s | / (a) dense | / (b) dense |")
-    print("|---|---|---|---|---|")
+    print("\n| model | native kernels | conc. | engine fp16-packed tok/s | / (a) dense | / (b) dense |")
+    print("|---|---|---|---|---|---|")
     for row in packed:
         peer = dense[(row["model"], row["concurrency"])]
-        print(f"| {row['model']} | {row['concurrency']} | {row['engine_tps']:.1f} "
+        print(f"| {row['model']} | {row['native_kernels']} | {row['concurrency']} | {row['engine_tps']:.1f} "
               f"| {row['engine_tps'] / peer['generate_sequential_tps']:.2f}x "
               f"| {row['engine_tps'] / peer['generate_padded_tps']:.2f}x |")
 
@@ -220,10 +225,13 @@ def parse_args() -> argparse.Namespace:
                         help="requests timed for (a); its tokens/s does not depend on the concurrency")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="engine per-step token budget")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024, help="engine KV pool size in bytes")
+    parser.add_argument("--native-kernels", default="auto",
+                        help="comma-separated engine settings (auto, on, off); each gets its own (c) rows")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--json-out", default=None, help="write every result row and the machine facts to this file")
     args = parser.parse_args()
     args.concurrency = [int(value) for value in args.concurrency.split(",")]
+    args.native_kernels = args.native_kernels.split(",")
     return args
 
 

@@ -108,6 +108,9 @@ class Settings:
     # How linear weights are stored: dense (the compute dtype) or fp16-packed
     # (CPU, float32 compute). auto measures which is faster on this machine.
     weight_format: str = field(default_factory=lambda: _env_str("CHATPIPE_WEIGHT_FORMAT", "auto"))
+    # C kernels for decode attention and the element-wise layer steps, built on
+    # first use (x86-64 CPUs with AVX2, float32): on, off, or auto (where they build).
+    native_kernels: str = field(default_factory=lambda: _env_str("CHATPIPE_NATIVE_KERNELS", "auto"))
     num_threads: int = field(default_factory=lambda: _env_int("CHATPIPE_NUM_THREADS", 0))
     job_ttl_s: int = field(default_factory=lambda: _env_int("CHATPIPE_JOB_TTL_S", 3600, 1))
     request_timeout_s: float = field(default_factory=lambda: _env_float("CHATPIPE_REQUEST_TIMEOUT_S", 600.0, 1.0))
@@ -126,6 +129,8 @@ class Settings:
             raise SettingsError(
                 f"CHATPIPE_WEIGHT_FORMAT={self.weight_format!r} is invalid; use auto, dense or fp16-packed"
             )
+        if self.native_kernels not in ("auto", "on", "off"):
+            raise SettingsError(f"CHATPIPE_NATIVE_KERNELS={self.native_kernels!r} is invalid; use auto, on or off")
 
     @property
     def data_dir(self) -> Path:

@@ -47,6 +47,7 @@ class InferenceWorker:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             block_size=settings.kv_block_size,
             kv_cache_bytes=settings.kv_cache_bytes,
+            native_kernels=settings.native_kernels,
         )
         self.engine = LLMEngine(self.loaded, config)
         self.service = EngineService(self.engine, on_step=self._on_step)
@@ -83,7 +84,8 @@ _worker: InferenceWorker | None = None
 
 def _config_summary(engine) -> dict:
     stats = engine.stats()
-    return {k: stats[k] for k in ("num_total_blocks", "block_size", "kv_cache_bytes", "max_model_len") if k in stats}
+    keys = ("num_total_blocks", "block_size", "kv_cache_bytes", "max_model_len", "weight_format", "native_kernels")
+    return {k: stats[k] for k in keys if k in stats}
 
 
 def get_worker() -> InferenceWorker:

@@ -3,7 +3,9 @@
 One forward packs every scheduled token of every seq into a batch of one,
 decode tokens first, then the prefill chunks. The metadata built by the
 model runner says where each token's K/V goes in the paged cache (slot
-mapping) and which cache slots each query attends to.
+mapping) and which cache slots each query attends to. With the native
+kernels, decode queries read the cache in place through their block tables
+(native_kernels.py); prefill chunks always run SDPA here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.engine.native_kernels import NativeKernels
 
 ATTENTION_NAME = "chatpipe_paged"
 
@@ -38,7 +42,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot (block * block_size + offset) of each packed token
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks], padded with block 0
-    # [num_decode, 1, 1, max_blocks * block_size]: 0 where a seq has a position, -inf elsewhere
+    decode_context_lens: torch.Tensor | None = None  # [num_decode] positions each decode query attends to
+    # C kernels; decode attention then reads the paged cache in place instead of gather + SDPA.
+    kernels: NativeKernels | None = None
+    # torch path only: [num_decode, 1, 1, max_blocks * block_size], 0 where a seq has a position, -inf elsewhere
     decode_bias: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -71,14 +78,16 @@ def paged_attention_packed(
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:
-    """Attend packed queries to the paged cache after writing this step's K/V.
+    """Attend packed queries to the paged cache after writing this step's K/V (unless `kv_written`).
 
     query [num_tokens, num_q_heads, head_dim], key/value [num_tokens,
     num_kv_heads, head_dim], all after rotary. Returns [num_tokens,
     num_q_heads, head_dim].
     """
-    write_kv(metadata, layer_idx, key, value)
+    if not kv_written:
+        write_kv(metadata, layer_idx, key, value)
     cache = metadata.kv_caches[layer_idx]
     num_decode = metadata.num_decode_tokens
     num_q_heads, head_dim = query.shape[1:]
@@ -86,11 +95,17 @@ def paged_attention_packed(
     decode_only = num_decode == query.shape[0]
     out = None if decode_only else query.new_empty(query.shape)
 
+    if num_decode and metadata.kernels is not None:
+        o = query.new_empty((num_decode, num_q_heads, head_dim)) if decode_only else out[:num_decode]
+        metadata.kernels.paged_decode_attention(query[:num_decode], cache, metadata.decode_block_tables,
+                                                metadata.decode_context_lens, scaling, o)
+        if decode_only:
+            return o
     # Decode: one query per seq. The query heads that share a KV head are
     # consecutive (transformers' repeat_kv layout), so they are laid out as
     # that KV head's query rows. Attention then needs no copy of K/V per
     # query head.
-    if num_decode:
+    elif num_decode:
         kv = gather_blocks(cache, metadata.decode_block_tables)  # [num_decode, context, 2, num_kv_heads, head_dim]
         k = kv[:, :, 0].transpose(1, 2)  # [num_decode, num_kv_heads, context, head_dim]
         v = kv[:, :, 1].transpose(1, 2)

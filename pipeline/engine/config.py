@@ -25,6 +25,9 @@ class EngineConfig:
     # Run Llama/Qwen2-style models through the lean forward in fast_forward.py;
     # False (or any other architecture) runs the transformers modules.
     enable_fast_path: bool = True
+    # C kernels of native_kernels.py on the fast path: "auto" where they build
+    # and fit the model, "on" or an error, "off" for torch operations only.
+    native_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
@@ -33,6 +36,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} is invalid; use an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len!r} is invalid; use None or an integer >= 2")
+        if self.native_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"EngineConfig.native_kernels={self.native_kernels!r} is invalid; "
+                             "use 'auto', 'on' or 'off'")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"EngineConfig.max_num_batched_tokens={self.max_num_batched_tokens} is below "

@@ -78,7 +78,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, config.block_size, config.kv_cache_bytes,
-                                  config.enable_fast_path)
+                                  config.enable_fast_path, config.native_kernels)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler(loaded.device, seed)
@@ -94,7 +94,8 @@ class LLMEngine:
         self.weight_format = getattr(loaded, "weight_format", "dense")
         log.info("engine_started", model=getattr(loaded, "name", None), device=str(loaded.device),
                  dtype=str(loaded.dtype), weight_format=self.weight_format,
-                 forward_path=self.runner.forward_path, num_blocks=self.runner.num_blocks, block_size=config.block_size,
+                 forward_path=self.runner.forward_path, native_kernels=self.runner.native_kernels,
+                 num_blocks=self.runner.num_blocks, block_size=config.block_size,
                  kv_cache_bytes=config.kv_cache_bytes, max_model_len=self.max_model_len,
                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
 
@@ -240,6 +241,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "weight_format": self.weight_format,
+            "native_kernels": self.runner.native_kernels,
         }
 
 

@@ -14,29 +14,32 @@ import torch
 
 from pipeline.engine import fast_forward
 from pipeline.engine.attention import AttentionMetadata, PrefillChunk, register_attention
+from pipeline.engine.native_kernels import choose_native_kernels
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
 
 log = structlog.get_logger(__name__)
 
 
-def kv_shape(model_config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) from a transformers config."""
+def attention_shape(model_config) -> tuple[int, int, int, int]:
+    """(num_layers, num_q_heads, num_kv_heads, head_dim) from a transformers config."""
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-    return text_config.num_hidden_layers, num_kv_heads, head_dim
+    return text_config.num_hidden_layers, num_heads, num_kv_heads, head_dim
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 block_size: int, kv_cache_bytes: int, enable_fast_path: bool = True) -> None:
+                 block_size: int, kv_cache_bytes: int, enable_fast_path: bool = True,
+                 native_kernels: str = "auto") -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.num_layers, num_q_heads, self.num_kv_heads, self.head_dim = attention_shape(model.config)
+        kernels = choose_native_kernels(native_kernels, device, dtype, num_q_heads, self.num_kv_heads, self.head_dim)
 
         element_size = torch.empty((), dtype=dtype).element_size()
         # keys and values, every layer, block_size positions
@@ -56,8 +59,11 @@ class ModelRunner:
         self.lm_head = fast_forward.rows_function(model.get_output_embeddings())
         self.fast_forward = None
         if enable_fast_path and fast_forward.is_supported(model):
-            self.fast_forward = fast_forward.FastDecoderForward(model)
+            self.fast_forward = fast_forward.FastDecoderForward(model, kernels)
         self.forward_path = "fast" if self.fast_forward is not None else "transformers"
+        # The transformers path runs its own layers; only the attention kernel plugs into it.
+        self.kernels = kernels
+        self.native_kernels = "on" if kernels is not None else "off"
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
@@ -110,7 +116,7 @@ class ModelRunner:
             num_decode_tokens=len(decodes),
         )
         if decodes:
-            metadata.decode_block_tables, metadata.decode_bias = self._decode_tables(decodes)
+            self._add_decode_tables(metadata, decodes)
 
         start = len(decodes)
         for seq, num_new in prefills:
@@ -118,20 +124,25 @@ class ModelRunner:
             start += num_new
         return metadata
 
-    def _decode_tables(self, decodes: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Build block tables padded to the longest context [num_decode, max_blocks] and the additive padding mask.
+    def _add_decode_tables(self, metadata: AttentionMetadata, decodes: list[Sequence]) -> None:
+        """Set block tables padded to the longest context [num_decode, max_blocks] and the context lengths.
 
-        The mask is built once per step and shared by every layer.
+        The torch path also gets an additive padding mask, built once per
+        step and shared by every layer.
         """
         context_lens = [seq.num_computed_tokens + 1 for seq in decodes]
         max_blocks = -(-max(context_lens) // self.block_size)
         tables = [seq.block_table[:max_blocks] + [0] * (max_blocks - len(seq.block_table[:max_blocks]))
                   for seq in decodes]
-        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-        lens = torch.tensor(context_lens, device=self.device)
-        padding = torch.arange(max_blocks * self.block_size, device=self.device)[None, :] >= lens[:, None]
+        metadata.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        metadata.decode_context_lens = torch.tensor(context_lens, dtype=torch.long, device=self.device)
+        metadata.kernels = self.kernels
+        if self.kernels is not None:
+            return
+        padding = (torch.arange(max_blocks * self.block_size, device=self.device)[None, :]
+                   >= metadata.decode_context_lens[:, None])
         bias = torch.zeros(padding.shape, dtype=self.dtype, device=self.device).masked_fill_(padding, float("-inf"))
-        return block_tables, bias[:, None, None, :]
+        metadata.decode_bias = bias[:, None, None, :]
 
     def _prefill_chunk(self, seq: Sequence, start: int, num_new: int) -> PrefillChunk:
         num_context = seq.num_computed_tokens + num_new

@@ -102,7 +102,7 @@ def _cached_verdict(probe: str, run_probe) -> bool:
             break
     key = f"probe 3|{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
     path = get_settings().home / "cpu_probes.json"
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         try:
             recorded = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -252,7 +252,7 @@ def load_model(name_or_path: str, cache: Path, device: str = "auto", dtype: str 
     else:
         converted = converted_dir(cache, name, torch_dtype) if name in MODELS else folder / "converted"
         # Several workers may start on a cold cache at once; one converts while the others wait.
-        with _file_lock(converted.parent / ".convert.lock"):
+        with file_lock(converted.parent / ".convert.lock"):
             if (converted / "model.safetensors").is_file():
                 model, tokenizer = _from_pretrained(converted, torch_dtype, torch_device)
                 source = "safetensors"
@@ -279,7 +279,8 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device, **k
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if missing), so that one process at a time does the work inside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

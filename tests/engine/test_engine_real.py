@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from pipeline.detokenize import IncrementalDetokenizer, StopStringMatcher
-from pipeline.engine import EngineConfig, EngineService, LLMEngine
+from pipeline.engine import EngineConfig, EngineService, LLMEngine, native_kernels
 from pipeline.job import SamplingParams
 from pipeline.models.loader import load_model
 from pipeline.models.packed_linear import PackedSlice, fp16_packing_available
 
 pytestmark = pytest.mark.slow
 needs_fbgemm = pytest.mark.skipif(not fp16_packing_available(), reason="this torch build has no FBGEMM fp16 kernels")
+needs_native = pytest.mark.skipif(native_kernels.unavailable_reason() is not None,
+                                  reason=str(native_kernels.unavailable_reason()))
+NATIVE_ON_AND_OFF = [pytest.param("on", marks=needs_native), "off"]
 
 NEW_TOKENS = 24
 PROMPTS = [
@@ -88,9 +91,11 @@ def run_to_completion(engine: LLMEngine) -> dict:
     return finals
 
 
-def test_greedy_batch_matches_generate(loaded, prompt_ids, reference):
-    engine = make_engine(loaded)
+@pytest.mark.parametrize("native", NATIVE_ON_AND_OFF)
+def test_greedy_batch_matches_generate(loaded, prompt_ids, reference, native):
+    engine = make_engine(loaded, native_kernels=native)
     assert engine.runner.forward_path == "fast"
+    assert engine.stats()["native_kernels"] == native
     finals = engine_greedy(engine, prompt_ids)
 
     assert output_tokens(finals) == reference
@@ -100,8 +105,10 @@ def test_greedy_batch_matches_generate(loaded, prompt_ids, reference):
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
 
 
-def test_transformers_path_matches_generate(loaded, prompt_ids, reference):
-    engine = make_engine(loaded, enable_fast_path=False)
+@pytest.mark.parametrize("native", NATIVE_ON_AND_OFF)
+def test_transformers_path_matches_generate(loaded, prompt_ids, reference, native):
+    # With the kernels on, the transformers layers run the native decode attention.
+    engine = make_engine(loaded, enable_fast_path=False, native_kernels=native)
     assert engine.runner.forward_path == "transformers"
 
     assert output_tokens(engine_greedy(engine, prompt_ids)) == reference
@@ -268,9 +275,10 @@ def test_service_abort_and_invalid_request(loaded, prompt_ids):
     assert service.engine.stats()["num_free_blocks"] == service.engine.stats()["num_total_blocks"]
 
 
-@pytest.mark.parametrize("weight_format", ["dense", pytest.param("fp16-packed", marks=needs_fbgemm)])
-def test_qwen_greedy_matches_generate(model_cache, weight_format):
-    """Qwen2 has q/k/v biases and 2 KV heads, so the fused fast path must carry biases and GQA correctly."""
+@pytest.mark.parametrize("weight_format,native", [("dense", "off"), pytest.param("fp16-packed", "off", marks=needs_fbgemm),
+                                                  pytest.param("fp16-packed", "on", marks=[needs_fbgemm, needs_native])])
+def test_qwen_greedy_matches_generate(model_cache, weight_format, native):
+    """Qwen2 has q/k/v biases and 7 query heads per KV head, so the fast path must carry biases and GQA correctly."""
     qwen = load_model("qwen2.5-coder-0.5b-instruct", model_cache, dtype="float32", weight_format=weight_format)
     messages = [[{"role": "user", "content": "用中文介绍一下你自己。"}],
                 [{"role": "user", "content": "Write a Python function to reverse a list."}]]
@@ -278,7 +286,7 @@ def test_qwen_greedy_matches_generate(model_cache, weight_format):
                for m in messages]
     expected = [hf_greedy(qwen, ids, 8) for ids in prompts]
 
-    engine = make_engine(qwen)
+    engine = make_engine(qwen, native_kernels=native)
     assert engine.runner.forward_path == "fast"
     for index, ids in enumerate(prompts):
         engine.add_request(f"q{index}", ids, greedy(max_tokens=8))
