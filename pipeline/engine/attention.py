@@ -43,7 +43,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None = None  # [num_decode] positions each decode query attends to
-    # C kernels; decode attention then reads the paged cache in place instead of gather + SDPA.
+    # C kernels. With them, decode attention reads the paged cache in place instead of gather + SDPA.
     kernels: NativeKernels | None = None
     # torch path only: [num_decode, 1, 1, max_blocks * block_size], 0 where a seq has a position, -inf elsewhere
     decode_bias: torch.Tensor | None = None

@@ -179,7 +179,7 @@ class FastDecoderForward:
 
     def _layers_native(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        metadata: AttentionMetadata) -> torch.Tensor:
-        """The same layers with each residual add fused into the next norm, and SiLU into its multiply.
+        """Run the same layers with each residual add fused into the next norm, and SiLU into its multiply.
 
         `hidden` is the embedding output, a fresh tensor, and accumulates the
         residual stream in place.

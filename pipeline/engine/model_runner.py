@@ -61,7 +61,7 @@ class ModelRunner:
         if enable_fast_path and fast_forward.is_supported(model):
             self.fast_forward = fast_forward.FastDecoderForward(model, kernels)
         self.forward_path = "fast" if self.fast_forward is not None else "transformers"
-        # The transformers path runs its own layers; only the attention kernel plugs into it.
+        # The transformers path runs its own layers, so only the attention kernel plugs into it.
         self.kernels = kernels
         self.native_kernels = "on" if kernels is not None else "off"
 

@@ -2,16 +2,19 @@
 
 At decode sizes a CPU step spends much of its time outside the matmuls,
 in operations whose arithmetic is tiny but whose torch kernels carry fixed
-costs. Measured per layer on 2 threads of a Zen 3 CPU, 16 decode seqs of
+costs. Measured on 2 threads of a Zen 3 CPU with 16 decode seqs of
 SmolLM2-135M (3 KV heads, 3 query heads each, 30 to 140 positions):
 
-- decode attention: gathering KV blocks and running SDPA took 410 to 450
-  us; kernels/paged_attention.c, which reads keys and values in place
-  through the block table and loads each row once for all query heads
-  that share it, took 180 us.
-- RMSNorm took 21 us per call and SiLU with the multiply 32 us; the fused
-  kernels in kernels/layer_ops.c do the residual add, the norm, and SiLU
-  with the multiply in one pass each.
+- Decode attention: gathering the KV blocks and running SDPA took 410 to
+  450 us per layer. kernels/paged_attention.c reads keys and values in
+  place through the block table, loads each row once for all the query
+  heads that share it, and took about 150 us.
+- RMSNorm took 21 us per call, and SiLU with the multiply 32 us. The
+  kernels in kernels/layer_ops.c run the residual add with the next norm,
+  SiLU with its multiply, and rotary with the KV write, one pass each.
+
+Whole engine runs with and without them are in docs/benchmarks.md
+(bench/engine.py --native-kernels on,off).
 
 The C files are compiled together with the system C compiler into
 CHATPIPE_HOME/kernels, once per source and flags (the file name carries
@@ -40,9 +43,9 @@ log = structlog.get_logger(__name__)
 NATIVE_KERNEL_CHOICES = ("auto", "on", "off")
 SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("paged_attention.c", "layer_ops.c"))
 # Without -ffp-contract=off the compiler fuses a * b + c into one FMA, which
-# rounds differently from torch; the kernels ask for FMA where they want it.
+# rounds differently from torch. The kernels call FMA explicitly where they want it.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
-# libmvec holds the 8-wide expf that the kernels' simd loops call.
+# libmvec contains the 8-wide expf that the kernels' simd loops call.
 LINK_FLAGS = ("-lmvec", "-lm")
 
 
@@ -75,11 +78,11 @@ class NativeKernels:
                                context_lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
         """Write attention of each seq's query to its context into `out`.
 
-        query [num_seqs, num_q_heads, head_dim] (row-major inside each seq
-        avoids a copy; a view of the fused q/k/v output is), cache [num_blocks,
-        block_size, 2, num_kv_heads, head_dim] contiguous, block_tables
-        [num_seqs, max_blocks] and context_lens [num_seqs] int64 contiguous,
-        out [num_seqs, num_q_heads, head_dim] contiguous.
+        - query: [num_seqs, num_q_heads, head_dim]. Row-major inside each seq
+          avoids a copy, and a view of the fused q/k/v output is.
+        - cache: [num_blocks, block_size, 2, num_kv_heads, head_dim], contiguous.
+        - block_tables [num_seqs, max_blocks] and context_lens [num_seqs]: int64, contiguous.
+        - out: [num_seqs, num_q_heads, head_dim], contiguous.
         """
         num_seqs, num_q_heads, head_dim = query.shape
         if query.stride(2) != 1 or query.stride(1) != head_dim:

@@ -50,8 +50,9 @@ int chatpipe_paged_decode_attention(const float *query, int64_t query_stride, co
     const int64_t max_context = max_blocks * block_size;
     const int64_t lanes = head_dim / 8;
     /* A work item is one seq with all its KV heads, so it reads each cache
-       block front to back; with fewer seqs than twice the threads, a work
-       item is one (seq, KV head) pair, so that one seq still uses every thread. */
+       block front to back. With fewer seqs than twice the threads, a work
+       item is one (seq, KV head) pair instead, so that one seq still keeps
+       every thread busy. */
     const int64_t heads_per_item = num_seqs >= 2 * num_threads ? num_kv_heads : 1;
     const int64_t items_per_seq = num_kv_heads / heads_per_item;
     int failed = 0;
