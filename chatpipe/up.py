@@ -111,6 +111,7 @@ def run_up(args) -> int:
         print(f"error: {exc}", flush=True)
         return 1
 
+    _measure_cpu(settings)
     with contextlib.ExitStack() as stack:
         try:
             redis_url, database_url = _start_services(settings, stack)
@@ -126,6 +127,20 @@ def run_up(args) -> int:
                                                   "pid": os.getpid()}))
         stack.callback(run_file(settings).unlink, missing_ok=True)
         return _supervise(children, f"http://{host}:{port}", redis_url, database_url, settings.models)
+
+
+def _measure_cpu(settings: Settings) -> None:
+    """Run the dtype and weight-format probes here, before any worker starts.
+
+    Workers starting together would otherwise probe while the others load
+    models, and a busy CPU can time the formats wrongly. The verdicts are
+    kept in CHATPIPE_HOME, and the workers read them there.
+    """
+    from pipeline.models.loader import choose_device, choose_dtype, choose_weight_format
+
+    device = choose_device(settings.device)
+    if device.type == "cpu":
+        choose_weight_format(device, choose_dtype(device, settings.dtype), settings.weight_format)
 
 
 def _wait_for_engines(redis_url: str, models: tuple[str, ...], children: list[Child], timeout_s: float) -> None:

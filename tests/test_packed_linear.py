@@ -1,5 +1,7 @@
 """fp16-packed linear layers and the choice of weight format."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,26 @@ def test_settings_reject_an_unknown_weight_format(monkeypatch):
     monkeypatch.setenv("CHATPIPE_WEIGHT_FORMAT", "fp8")
     with pytest.raises(SettingsError, match="CHATPIPE_WEIGHT_FORMAT='fp8' is invalid; use auto, dense or fp16-packed"):
         Settings()
+
+
+def test_probe_verdict_kept_only_when_cpu_idle(tmp_path, monkeypatch):
+    from pipeline.models import loader
+
+    monkeypatch.setenv("CHATPIPE_HOME", str(tmp_path))
+    monkeypatch.setattr("pipeline.settings._settings", None)
+    runs = []
+
+    def probe() -> bool:
+        runs.append(1)
+        return True
+
+    # A load average above the core count stands for other processes skewing the timings.
+    monkeypatch.setattr(loader.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    assert loader._cached_verdict("test_probe", probe) is True
+    assert not (tmp_path / "cpu_probes.json").exists()
+
+    monkeypatch.setattr(loader.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert loader._cached_verdict("test_probe", probe) is True
+    assert json.loads((tmp_path / "cpu_probes.json").read_text())["test_probe"]["verdict"] is True
+    assert loader._cached_verdict("test_probe", probe) is True
+    assert len(runs) == 2  # the kept verdict was read, not measured a third time
