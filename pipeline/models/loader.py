@@ -187,10 +187,12 @@ def _probe_fp16_packed_is_faster() -> bool:
     memory as a real decode step does.
 
     The verdict is the median, over 9 rounds, of the packed-to-dense time
-    ratio measured back to back within a round. Other processes loading
-    the CPU (stage workers starting next to this one) then slow both sides
-    of most ratios alike. Separate minimums per format picked dense in two
-    of three probes with two busy processes on a 2-core machine.
+    ratio measured back to back within a round, so that a short burst of
+    other work skews one ratio rather than one format's timing. With two
+    other busy processes on a 2-core machine no timing was reliable (this
+    probe picked dense in three of four runs), which is why `chatpipe up`
+    probes before it starts workers and a verdict measured under load is
+    not kept.
     """
     weights = [torch.randn(4864, 896) for _ in range(4)]
     formats = {"dense": [functools.partial(torch.nn.functional.linear, weight=w) for w in weights],
