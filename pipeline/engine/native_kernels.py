@@ -8,7 +8,7 @@ SmolLM2-135M (3 KV heads, 3 query heads each, 30 to 140 positions):
 - Decode attention: gathering the KV blocks and running SDPA took 410 to
   450 us per layer. kernels/paged_attention.c reads keys and values in
   place through the block table, loads each row once for all the query
-  heads that share it, and took about 150 us.
+  heads that share it, and took 150 to 170 us.
 - RMSNorm took 21 us per call, and SiLU with the multiply 32 us. The
   kernels in kernels/layer_ops.c run the residual add with the next norm,
   SiLU with its multiply, and rotary with the KV write, one pass each.
