@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -111,7 +113,7 @@ def run_up(args) -> int:
         print(f"error: {exc}", flush=True)
         return 1
 
-    _measure_cpu(settings)
+    _measure_cpu()
     with contextlib.ExitStack() as stack:
         try:
             redis_url, database_url = _start_services(settings, stack)
@@ -129,18 +131,29 @@ def run_up(args) -> int:
         return _supervise(children, f"http://{host}:{port}", redis_url, database_url, settings.models)
 
 
-def _measure_cpu(settings: Settings) -> None:
-    """Run the dtype and weight-format probes here, before any worker starts.
+def _measure_cpu() -> None:
+    """Run the dtype and weight-format probes before any worker starts, in a child process.
 
     Workers starting together would otherwise probe while the others load
     models, and a busy CPU can time the formats wrongly. The verdicts are
-    kept in CHATPIPE_HOME, and the workers read them there.
+    kept in CHATPIPE_HOME, and the workers read them there. A child process
+    keeps torch out of this supervisor.
     """
-    from pipeline.models.loader import choose_device, choose_dtype, choose_weight_format
+    result = subprocess.run([sys.executable, "-c", "import chatpipe.up as up; up.measure_cpu_verdicts()"],
+                            check=False)
+    if result.returncode != 0:
+        log.warning("cpu_probes_failed", returncode=result.returncode,
+                    consequence="each inference worker measures the CPU itself")
 
-    device = choose_device(settings.device)
-    if device.type == "cpu":
-        choose_weight_format(device, choose_dtype(device, settings.dtype), settings.weight_format)
+
+def measure_cpu_verdicts() -> None:
+    """Record the CPU probes' verdicts when the models run on the CPU."""
+    from pipeline.logs import configure_logging
+    from pipeline.models.loader import choose_device, record_cpu_verdicts
+
+    configure_logging()
+    if choose_device(get_settings().device).type == "cpu":
+        record_cpu_verdicts()
 
 
 def _wait_for_engines(redis_url: str, models: tuple[str, ...], children: list[Child], timeout_s: float) -> None:

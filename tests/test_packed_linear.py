@@ -136,3 +136,14 @@ def test_probe_verdict_kept_only_when_cpu_idle(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cpu_probes.json").read_text())["test_probe"]["verdict"] is True
     assert loader._cached_verdict("test_probe", probe) is True
     assert len(runs) == 2  # the kept verdict was read, not measured a third time
+
+
+def test_probe_verdict_kept_under_load_on_request(tmp_path, monkeypatch):
+    from pipeline.models import loader
+
+    monkeypatch.setenv("CHATPIPE_HOME", str(tmp_path))
+    monkeypatch.setattr("pipeline.settings._settings", None)
+    monkeypatch.setattr(loader.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+
+    assert loader._cached_verdict("test_probe", lambda: False, keep_under_load=True) is False
+    assert json.loads((tmp_path / "cpu_probes.json").read_text())["test_probe"]["verdict"] is False

@@ -88,14 +88,25 @@ def _cpu_bf16_is_faster() -> bool:
     return _cached_verdict("bf16_is_faster", _probe_bf16_is_faster)
 
 
-def _cached_verdict(probe: str, run_probe) -> bool:
+def record_cpu_verdicts() -> None:
+    """Measure the dtype and weight-format probes now and keep their verdicts, whatever the load average.
+
+    `chatpipe up` calls this before it starts any worker. The load average
+    may then still count work that has just ended, but nothing else runs.
+    """
+    _cached_verdict("bf16_is_faster", _probe_bf16_is_faster, keep_under_load=True)
+    if fp16_packing_available():
+        _cached_verdict("fp16_packed_is_faster", _probe_fp16_packed_is_faster, keep_under_load=True)
+
+
+def _cached_verdict(probe: str, run_probe, keep_under_load: bool = False) -> bool:
     """Return a probe's verdict, measured once per CPU model, torch version and thread count and kept in a file.
 
     Keeping the verdict makes every worker on the machine pick the same
     dtype and weight format, which a replay needs to reproduce tokens. A
     verdict measured while the 1-minute load average exceeds the core count
-    is used by this process but not kept, because other processes may have
-    skewed the timings; a later start measures again.
+    is used by this process but not kept (unless `keep_under_load`), because
+    other processes may have skewed the timings. A later start measures again.
     """
     from pipeline.settings import get_settings
 
@@ -117,7 +128,7 @@ def _cached_verdict(probe: str, run_probe) -> bool:
             return entry["verdict"]
         load_average, cores = os.getloadavg()[0], os.cpu_count() or 1
         verdict = run_probe()
-        if load_average > cores:
+        if load_average > cores and not keep_under_load:
             log.warning("cpu_probe_verdict_not_kept", probe=probe, verdict=verdict,
                         load_average=round(load_average, 2), cores=cores)
             return verdict
