@@ -173,7 +173,8 @@ def bench_model(name: str, weight_format: str, args, bandwidth_gbs: float) -> li
         ceiling_tps = concurrency * bandwidth_gbs * 1e9 / step_bytes
         rows.append({
             "model": name, "dtype": str(loaded.dtype).removeprefix("torch."), "weight_format": loaded.weight_format,
-            "native_kernels": engines[kernels].stats()["native_kernels"], "concurrency": concurrency, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "native_kernels": engines[kernels].runner.native_kernels, "concurrency": concurrency,
+            "new_tokens": args.new_tokens, "repeats": args.repeats,
             "generate_sequential_tps": sequential_tps, "generate_padded_tps": padded_tps,
             "engine_tps": engine_tps, "engine_ttft_s": ttft_s,
             "speedup_vs_sequential": engine_tps / sequential_tps, "speedup_vs_padded": engine_tps / padded_tps,

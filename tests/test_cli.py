@@ -93,8 +93,8 @@ def test_up_reports_a_port_in_use():
 
 
 def _start_up(env: dict, port: int) -> subprocess.Popen:
-    # A shell that starts the test run in the background without job control makes
-    # it ignore SIGINT, and `chatpipe up` would inherit that; the test stops it with SIGINT.
+    # A shell without job control starts background commands with SIGINT ignored.
+    # `chatpipe up` would inherit that, and this test stops it with SIGINT.
     process = subprocess.Popen([*CHATPIPE, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

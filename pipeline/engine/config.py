@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.engine.native_kernels import NATIVE_KERNEL_CHOICES
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -36,7 +38,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} is invalid; use an integer >= 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len!r} is invalid; use None or an integer >= 2")
-        if self.native_kernels not in ("auto", "on", "off"):
+        if self.native_kernels not in NATIVE_KERNEL_CHOICES:
             raise ValueError(f"EngineConfig.native_kernels={self.native_kernels!r} is invalid; "
                              "use 'auto', 'on' or 'off'")
         if self.max_num_batched_tokens < self.max_num_seqs:

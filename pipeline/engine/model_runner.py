@@ -63,7 +63,11 @@ class ModelRunner:
         self.forward_path = "fast" if self.fast_forward is not None else "transformers"
         # The transformers path runs its own layers, so only the attention kernel plugs into it.
         self.kernels = kernels
-        self.native_kernels = "on" if kernels is not None else "off"
+
+    @property
+    def native_kernels(self) -> str:
+        """"on" when the native kernels run, "off" when the torch operations do."""
+        return "on" if self.kernels is not None else "off"
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:

@@ -19,9 +19,9 @@ Whole engine runs with and without them are in docs/benchmarks.md
 The C files are compiled together with the system C compiler into
 CHATPIPE_HOME/kernels, once per source and flags (the file name carries
 their hash), under a file lock so that workers starting together build it
-once. They need an x86-64 CPU with AVX2 and FMA, float32 and the CPU;
-anywhere else, or with `native_kernels="off"` in EngineConfig, the engine
-runs the torch operations.
+once. They need an x86-64 CPU with AVX2 and FMA, and a model running in
+float32 on the CPU. Anywhere else, or with `native_kernels="off"` in
+EngineConfig, the engine runs the torch operations.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ LINK_FLAGS = ("-lmvec", "-lm")
 
 
 class NativeKernelError(RuntimeError):
-    """The native kernels were asked for but cannot be built or run here."""
+    """The native kernels were requested but cannot be built or run here."""
 
 
 class NativeKernels:

@@ -89,7 +89,7 @@ def _cpu_bf16_is_faster() -> bool:
 
 
 def record_cpu_verdicts() -> None:
-    """Measure the dtype and weight-format probes now and keep their verdicts, whatever the load average.
+    """Run the dtype and weight-format probes now and keep their verdicts, whatever the load average.
 
     `chatpipe up` calls this before it starts any worker. The load average
     may then still count work that has just ended, but nothing else runs.

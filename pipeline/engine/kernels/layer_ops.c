@@ -17,7 +17,8 @@
 #pragma omp declare simd notinbranch
 extern float expf(float);
 
-/* Rows per call below which one thread is faster than waking the others. */
+/* Calls with fewer rows run on one thread, because waking the others would cost more than
+   rows this few take. 64 is an estimate, not a measured crossover. */
 #define CHATPIPE_PARALLEL_ROWS 64
 
 static void rms_norm_row(const float *x, const float *weight, float *out, int64_t hidden, float eps) {

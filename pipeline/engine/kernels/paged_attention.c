@@ -18,7 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* glibc's libmvec has an 8-wide expf; this declaration lets the compiler call it from simd loops. */
+/* glibc's libmvec contains an 8-wide expf, and this declaration lets the compiler
+   call it from simd loops. */
 #pragma omp declare simd notinbranch
 extern float expf(float);
 
@@ -113,7 +114,7 @@ int chatpipe_paged_decode_attention(const float *query, int64_t query_stride, co
                 for (int64_t pos = 0; pos < context; pos++) p[pos] *= inverse;
             }
 
-            /* out_row = sum over pos of p_row[pos] * v_pos; the rows stay in L1 while values stream past */
+            /* out_row = sum over pos of p_row[pos] * v_pos. The rows stay in L1 while values stream past. */
             for (int64_t i = 0; i < rows * head_dim; i++) o[i] = 0.0f;
             for (int64_t start = 0; start < context; start += block_size) {
                 const float *block = cache + table[start / block_size] * block_size * slot_stride + value_offset;
